@@ -1,0 +1,20 @@
+// The selfboottok._C extension: op schemas and the Python module.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(selfboottok, m) {
+  // plan, f, g, n_iters (int32), row-marginal L1 error; tol < 0 disables early stopping.
+  m.def(
+      "sinkhorn_kernel(Tensor cost, Tensor a, Tensor b, float eps, int max_iters, float tol)"
+      " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("cuda_compiled", []() {
+#ifdef SELFBOOTTOK_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  });
+}
