@@ -9,6 +9,11 @@ TORCH_LIBRARY(selfboottok, m) {
       " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
+// The kernel op is not differentiable itself; selfboottok::sinkhorn (Python) owns the autograd.
+TORCH_LIBRARY_IMPL(selfboottok, Autograd, m) {
+  m.impl("sinkhorn_kernel", torch::CppFunction::makeFallthrough());
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cuda_compiled", []() {
 #ifdef SELFBOOTTOK_WITH_CUDA

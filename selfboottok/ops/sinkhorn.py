@@ -45,9 +45,10 @@ def sinkhorn(cost, a=None, b=None, *, eps, n_iters=100, tol=None, backend="auto"
             iteration whose plan already has row-marginal L1 error ``<= tol``.
         backend: ``"auto"`` | ``"cuda"`` | ``"triton"`` | ``"cpu"`` | ``"torch"``.
 
-    Gradients flow to ``cost`` from ``plan``, ``value`` and ``value_linear`` (implicit
-    differentiation at the fixed point; ``d value / d cost = plan``). ``f`` and ``g`` are
-    defined up to a shared constant and carry no gradient.
+    Gradients flow to ``cost`` from ``plan``, ``value`` and ``value_linear`` by implicit
+    differentiation at the fixed point (``d value / d cost = plan`` exactly). ``f`` and ``g``
+    are defined up to a shared constant ``(f + t, g - t)``: their gradient is exact for losses
+    invariant to that shift (e.g. ``<a,f> + <b,g>``) and drops the part that is not.
     """
     cost, a, b = _check(cost, a, b, eps, n_iters, tol)
     squeeze = cost.dim() == 2
@@ -55,9 +56,10 @@ def sinkhorn(cost, a=None, b=None, *, eps, n_iters=100, tol=None, backend="auto"
         cost, a, b = cost[None], a[None], b[None]
     name = _backend.resolve(backend, cost.device, ("cuda", "triton", "cpu"))
     if name == "triton":
-        from .triton.sinkhorn import MAX_TILE, tile_elements
+        from .triton.sinkhorn import MAX_TILE
 
-        if tile_elements(cost.shape[1], cost.shape[2]) > MAX_TILE:
+        tile = _next_pow2(cost.shape[1]) * _next_pow2(cost.shape[2])
+        if tile > MAX_TILE:
             if backend == "triton":
                 raise ValueError(f"backend 'triton' handles N*M tiles up to {MAX_TILE} elements")
             name = "cuda" if _backend.status("cuda")["cuda"][0] else "torch"
@@ -68,6 +70,10 @@ def sinkhorn(cost, a=None, b=None, *, eps, n_iters=100, tol=None, backend="auto"
     if squeeze:
         res = SinkhornResult(*(t[0] for t in res))
     return res
+
+
+def _next_pow2(n):
+    return 1 << (n - 1).bit_length()
 
 
 def _check(cost, a, b, eps, n_iters, tol):
@@ -85,14 +91,20 @@ def _check(cost, a, b, eps, n_iters, tol):
         raise ValueError(f"n_iters must be an int >= 0, got {n_iters!r}")
     if tol is not None and (not isinstance(tol, (int, float)) or not tol >= 0):
         raise ValueError(f"tol must be None or a number >= 0, got {tol!r}")
-    if not bool(torch.isfinite(cost).all()):
-        raise ValueError("cost contains NaN or Inf")
     batch, n, m = cost.shape[:-2], cost.shape[-2], cost.shape[-1]
     a = _marginal("a", a, batch, n, cost)
     b = _marginal("b", b, batch, m, cost)
     for name, w in (("a", a), ("b", b)):
         if w.requires_grad:
             raise ValueError(f"{name} requires grad, but sinkhorn differentiates cost only; detach it")
+    return cost, a, b
+
+
+def _check_values(cost, a, b):
+    """Data-dependent checks; they run inside the op so that torch.compile can trace around them."""
+    if not bool(torch.isfinite(cost).all()):
+        raise ValueError("cost contains NaN or Inf")
+    for name, w in (("a", a), ("b", b)):
         if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
             raise ValueError(f"{name} must be finite and >= 0 (zeros mark absent entries)")
     ma, mb = a.sum(-1), b.sum(-1)
@@ -101,7 +113,6 @@ def _check(cost, a, b, eps, n_iters, tol):
     if not torch.allclose(ma, mb, rtol=MASS_RTOL, atol=0):
         worst = ((ma - mb).abs() / mb).max().item()
         raise ValueError(f"a and b must have equal mass per problem (relative gap {worst:.3g})")
-    return cost, a, b
 
 
 def _marginal(name, w, batch, size, cost):
@@ -160,6 +171,7 @@ def _sinkhorn_op(
     tol: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_values(cost, a, b)
     with torch.no_grad():
         plan, f, g, iters, err = _run_kernel(cost, a, b, eps, n_iters, tol, backend)
         value, value_linear = sinkhorn_value(cost, a, b, plan, f, g, eps)
@@ -190,12 +202,6 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, g_plan, g_f, g_g, g_value, g_value_linear, g_iters, g_err):
     cost, a, b, plan = ctx.saved_tensors
-    for name, grad in (("f", g_f), ("g", g_g)):
-        if grad is not None and bool((grad != 0).any()):
-            raise RuntimeError(
-                f"sinkhorn: {name} is defined up to a constant and has no gradient; "
-                "differentiate `value` (d value/d cost = plan) or `plan` instead"
-            )
     grad = torch.zeros_like(cost)
     if g_value is not None:
         grad = grad + g_value[:, None, None] * plan
@@ -204,33 +210,37 @@ def _backward(ctx, g_plan, g_f, g_g, g_value, g_value_linear, g_iters, g_err):
         grad = grad + g_value_linear[:, None, None] * plan
         extra = g_value_linear[:, None, None] * cost
         upstream = extra if upstream is None else upstream + extra
-    if upstream is not None:
-        grad = grad + implicit_grad(plan, a, b, upstream, ctx.eps)
+    if upstream is not None or g_f is not None or g_g is not None:
+        grad = grad + implicit_grad(plan, a, b, ctx.eps, upstream, g_f, g_g)
     return grad, None, None, None, None, None, None
 
 
-def implicit_grad(plan, a, b, grad_plan, eps):
-    """d L / d cost for L(plan) at the Sinkhorn fixed point (see DESIGN.md, section 2).
+def implicit_grad(plan, a, b, eps, grad_plan=None, grad_f=None, grad_g=None):
+    """d L / d cost for L(plan, f, g) at the Sinkhorn fixed point (DESIGN.md, section 2).
 
-    Solves the Schur complement on the smaller side, in float64, with the all-ones null
-    direction (restricted to the support) lifted by a rank-one term.
+    Solves the Schur complement on the smaller side in float64; the null direction (f + t,
+    g - t) is lifted by a rank-one term on the support, so for f and g only the part of the
+    loss invariant to that shift is differentiated.
     """
     if plan.shape[2] > plan.shape[1]:
-        return implicit_grad(
-            plan.transpose(1, 2), b, a, grad_plan.transpose(1, 2), eps
-        ).transpose(1, 2)
+        t = lambda x: None if x is None else x.transpose(1, 2)  # noqa: E731
+        return implicit_grad(t(plan), b, a, eps, t(grad_plan), grad_g, grad_f).transpose(1, 2)
     P = plan.double()
-    G = grad_plan.double()
     a64, b64 = a.double(), b.double()
+    G = torch.zeros_like(P) if grad_plan is None else grad_plan.double()
     GP = G * P
     r, c = GP.sum(2), GP.sum(1)
+    if grad_f is not None:
+        r = r + eps * torch.where(a64 > 0, grad_f.double(), 0.0)
+    if grad_g is not None:
+        c = c + eps * torch.where(b64 > 0, grad_g.double(), 0.0)
     inv_a = torch.where(a64 > 0, 1.0 / a64.clamp_min(1e-300), 0.0)
     support = (b64 > 0).double()
     count = support.sum(-1, keepdim=True)
     lift = (b64.sum(-1, keepdim=True) / count**2)[..., None]
     S = torch.diag_embed(b64 + (1.0 - support)) - (P * inv_a[..., None]).transpose(1, 2) @ P
     S = S + lift * support[:, :, None] * support[:, None, :]
-    rhs = -c + (P.transpose(1, 2) @ (r * inv_a)[..., None])[..., 0]
+    rhs = (-c + (P.transpose(1, 2) @ (r * inv_a)[..., None])[..., 0]) * support
     lam_g = torch.linalg.solve(S, rhs[..., None])[..., 0] * support
     lam_f = -(r + (P @ lam_g[..., None])[..., 0]) * inv_a
     out = -(P / eps) * (G + lam_f[:, :, None] + lam_g[:, None, :])
