@@ -3,10 +3,11 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(selfboottok, m) {
-  // plan, f, g, n_iters (int32), row-marginal L1 error; tol < 0 disables early stopping.
+  // -> plan, f, g, value, value_linear, n_iters (int32), row-marginal L1 error.
+  // tol < 0 disables early stopping. Semantics: selfboottok/ops/_torch_impl.py.
   m.def(
       "sinkhorn_kernel(Tensor cost, Tensor a, Tensor b, float eps, int max_iters, float tol)"
-      " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 // The kernel op is not differentiable itself; selfboottok::sinkhorn (Python) owns the autograd.

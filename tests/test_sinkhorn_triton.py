@@ -1,6 +1,7 @@
 """Triton fused Sinkhorn vs the PyTorch reference (runs under TRITON_INTERPRET=1 without a GPU)."""
 
 import os
+import zlib
 
 import pytest
 import torch
@@ -47,15 +48,20 @@ def _row_errors(cost, a, b, eps, iters):
 
 
 def _pick_tol(errs, dtype):
-    """A tol that stops some problem early and sits clearly apart from every checked error."""
+    """A tol clearly apart from every checked error, stopping some problem as late as possible."""
+    iters = errs.shape[0]
     floor = 1e-4 if dtype == torch.float32 else 1e-9
     lo, hi = max(errs.min().item(), floor), errs.max().item()
     assert lo < hi, "no usable tol range"
     cands = torch.logspace(torch.log10(torch.tensor(lo)), torch.log10(torch.tensor(hi)), 400, dtype=F64)
     margin = ((errs.flatten()[None, :] - cands[:, None]).abs() / cands[:, None]).amin(1)
-    best = int(margin.argmax())
-    assert margin[best] > (1e-3 if dtype == torch.float32 else 1e-6), "borderline tol"
-    return cands[best].item()
+    ok = margin > (1e-3 if dtype == torch.float32 else 1e-6)
+    # stop iteration per problem: first k with err_k <= tol (iters if none)
+    stops = torch.where(errs[None] <= cands[:, None, None], torch.arange(iters)[None, :, None], iters).amin(1)
+    depth = torch.where(stops < iters, stops, -1).amax(1).clamp_max(iters // 2)
+    score = torch.where(ok & (depth >= 0), depth + margin.clamp_max(0.5), -1.0)
+    assert score.max() >= 0, "no tol apart from the stop errors"
+    return cands[int(score.argmax())].item()
 
 
 def _check(out, ref, cost, a, b, dtype):
@@ -88,16 +94,16 @@ EPS_REL = [1.0, 0.1, 1e-2, 1e-3]
 @pytest.mark.parametrize("mode", ["fixed", "tol"])
 def test_matches_reference(shape, eps_rel, dtype, mode):
     B, N, M = shape
-    seed = hash((shape, eps_rel, str(dtype), mode)) % 2**31
-    cost, a, b = _problem(B, N, M, seed, ragged=(seed % 2 == 0) or B > 1)
+    seed = zlib.crc32(repr((shape, eps_rel, str(dtype), mode)).encode())
+    cost, a, b = _problem(B, N, M, seed, ragged=B > 1)
     # round inputs to the kernel dtype so the reference sees the same problem
     cost, a, b = (t.to(dtype).double() for t in (cost, a, b))
     eps = eps_rel * (cost.max() - cost.min()).item()
     if mode == "fixed":
-        iters, tol = 25, -1.0
+        iters, tol = 60, -1.0
         ref = sinkhorn_reference(cost, a, b, eps, iters)
     else:
-        iters = 30
+        iters = 40
         tol = _pick_tol(_row_errors(cost, a, b, eps, iters), dtype)
         ref = sinkhorn_reference(cost, a, b, eps, iters, tol=tol)
         assert ref[3].min() < iters  # the stop rule is exercised

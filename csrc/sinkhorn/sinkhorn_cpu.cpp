@@ -5,6 +5,10 @@
 #include <torch/types.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <vector>
 
 #if defined(__SSE__) || defined(__x86_64__)
@@ -19,10 +23,9 @@ namespace sbt {
 namespace sinkhorn {
 namespace {
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define SBT_CLONES __attribute__((target_clones("arch=haswell", "default")))
-#else
-#define SBT_CLONES
+#define SBT_INLINE inline __attribute__((always_inline))
+#if defined(__GNUC__) && defined(__x86_64__)
+#define SBT_AVX2 __attribute__((target("avx2,fma")))
 #endif
 
 // Subnormal Gibbs entries are irrelevant to the plan but slow x86 down by ~100x.
@@ -34,45 +37,78 @@ struct FlushDenormals {
 #endif
 };
 
+// exp for the Gibbs kernel, vectorisable: 2^k * p(r) with |r| <= ln2/2, ~2 ulp in float.
+// Inputs below -87 give ~1e-38 (flushed to 0 under FTZ); absent entries never reach it.
+SBT_INLINE float gibbs_exp(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float k = std::floor(x * 1.44269504f + 0.5f);
+  const float r = (x - k * 0.693145751953125f) - k * 1.42860677e-6f;
+  float p = 1.98412698e-4f;
+  p = p * r + 1.38888889e-3f;
+  p = p * r + 8.33333333e-3f;
+  p = p * r + 4.16666667e-2f;
+  p = p * r + 1.66666667e-1f;
+  p = p * r + 0.5f;
+  p = 1.0f + r + r * r * p;
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  float two_k;
+  std::memcpy(&two_k, &bits, sizeof(float));
+  return p * two_k;
+}
+SBT_INLINE double gibbs_exp(double x) { return std::exp(x); }
+
 // One Sinkhorn iteration in the scaling domain, a single pass over K:
-// s_i = (K (b v))_i, u_i' = 1 / s_i, t = K^T (a u'). Returns false if a scaling must be absorbed.
+// s_i = (K (b v))_i, u_i' = 1 / s_i, t = K^T (a u'). Rows go four at a time so that the
+// dot products run as independent chains. Returns false if a scaling must be absorbed.
 template <typename T>
-__attribute__((always_inline)) inline bool scaling_pass_impl(const T* K, int N, int M,
-                                                              const T* a, const T* bv,
-                                                              const T* u, T* u_new, T* t,
-                                                              T* err_out) {
+SBT_INLINE bool scaling_pass(const T* K, int N, int M, const T* a, const T* bv, const T* u,
+                             T* u_new, T* t, T* err_out) {
+  constexpr int R = 4;
   std::fill(t, t + M, T(0));
   T err = 0;
   bool ok = true;
-  for (int i = 0; i < N; ++i) {
+  // Inlined: an out-of-line call from AVX code would pay the SSE/AVX transition per row.
+  auto finish_row = [&](int i, T s) __attribute__((always_inline)) -> T {
     if (!(a[i] > T(0))) {
       u_new[i] = T(0);
-      continue;
+      return T(0);
     }
-    const T* Ki = K + static_cast<int64_t>(i) * M;
-    T s = 0;
-#pragma omp simd reduction(+ : s)
-    for (int j = 0; j < M; ++j) s += Ki[j] * bv[j];
     err += scaling_row_error(a[i], u[i], s);
     const T un = T(1) / s;
     ok = ok && scaling_ok(un);
     u_new[i] = un;
-    const T w = a[i] * un;
+    return a[i] * un;
+  };
+  int i = 0;
+  for (; i + R <= N; i += R) {
+    const T* K0 = K + static_cast<int64_t>(i) * M;
+    const T* K1 = K0 + M;
+    const T* K2 = K1 + M;
+    const T* K3 = K2 + M;
+    T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+    for (int j = 0; j < M; ++j) {
+      s0 += K0[j] * bv[j];
+      s1 += K1[j] * bv[j];
+      s2 += K2[j] * bv[j];
+      s3 += K3[j] * bv[j];
+    }
+    const T w0 = finish_row(i, s0), w1 = finish_row(i + 1, s1);
+    const T w2 = finish_row(i + 2, s2), w3 = finish_row(i + 3, s3);
+#pragma omp simd
+    for (int j = 0; j < M; ++j) t[j] += w0 * K0[j] + w1 * K1[j] + w2 * K2[j] + w3 * K3[j];
+  }
+  for (; i < N; ++i) {
+    const T* Ki = K + static_cast<int64_t>(i) * M;
+    T s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int j = 0; j < M; ++j) s += Ki[j] * bv[j];
+    const T w = finish_row(i, s);
 #pragma omp simd
     for (int j = 0; j < M; ++j) t[j] += w * Ki[j];
   }
   *err_out = err;
   return ok;
-}
-
-SBT_CLONES bool scaling_pass(const float* K, int N, int M, const float* a, const float* bv,
-                             const float* u, float* u_new, float* t, float* err) {
-  return scaling_pass_impl(K, N, M, a, bv, u, u_new, t, err);
-}
-
-SBT_CLONES bool scaling_pass(const double* K, int N, int M, const double* a, const double* bv,
-                             const double* u, double* u_new, double* t, double* err) {
-  return scaling_pass_impl(K, N, M, a, bv, u, u_new, t, err);
 }
 
 template <typename T>
@@ -89,7 +125,7 @@ class Solver {
 
   // Runs up to max_iters iterations; stops before the first one whose starting plan has
   // row-marginal L1 error <= tol (tol < 0: never). Returns the iterations applied.
-  int run(int max_iters, T tol) {
+  SBT_INLINE int run(int max_iters, T tol) {
     bool kernel_valid = false;
     int it = 0;
     while (it < max_iters) {
@@ -120,71 +156,114 @@ class Solver {
     return it;
   }
 
-  // Writes the plan over K and the absorbed potentials; returns the row-marginal L1 error.
-  T finish() {
-    T err = 0;
+  // Writes the plan over K and the absorbed potentials. Returns the row-marginal L1 error and
+  // sets the entropic value <P,C> + eps KL(P || a b) and the linear value <P,C>.
+  SBT_INLINE T finish(T* value, T* value_linear) {
+    absorb_scalings_into_potentials();
+    std::vector<T>& col = t_;
+    std::fill(col.begin(), col.end(), T(0));
+    T err = 0, linear = 0, dual = 0, mass = 0, mass_a = 0, mass_b = 0;
     for (int i = 0; i < N_; ++i) {
       T* Ki = K_ + static_cast<int64_t>(i) * M_;
+      const T* Ci = C_ + static_cast<int64_t>(i) * M_;
       const T wi = a_[i] * u_[i];
-      T row = 0;
+      T row = 0, lin = 0;
+#pragma omp simd reduction(+ : row, lin)
       for (int j = 0; j < M_; ++j) {
-        Ki[j] *= wi * b_[j] * v_[j];
+        Ki[j] *= wi * bv_[j];
         row += Ki[j];
+        lin += Ki[j] * Ci[j];
+        col[j] += Ki[j];
       }
       err += math_abs(row - a_[i]);
+      linear += lin;
+      dual += f_[i] * row;
+      mass += row;
+      mass_a += a_[i];
     }
-    absorb_scalings();
+    for (int j = 0; j < M_; ++j) {
+      dual += g_[j] * col[j];
+      mass_b += b_[j];
+    }
+    *value_linear = linear;
+    *value = dual - eps_ * (mass - mass_a * mass_b);
     return err;
   }
 
  private:
   // f-update then g-update in the log domain; true if it stopped on tol before applying.
-  bool log_iteration(T tol, T* err_out) {
+  // Two passes (max, then sum of exp) keep both loops vectorisable.
+  SBT_INLINE bool log_iteration(T tol, T* err_out) {
     T err = 0;
-    std::vector<T>& f_new = u_new_;  // scratch
+    T* f_new = u_new_.data();  // scratch
+    T* x = t_.data();
     for (int i = 0; i < N_; ++i) {
       if (!(a_[i] > T(0))) continue;
       const T* Ci = C_ + static_cast<int64_t>(i) * M_;
-      LogSumExp<T> lse;
-      for (int j = 0; j < M_; ++j) lse.add(row_exponent(log_b_[j], g_[j], Ci[j], inv_eps_));
-      f_new[i] = -eps_ * lse.value();
+      T m = neg_inf<T>();
+#pragma omp simd reduction(max : m)
+      for (int j = 0; j < M_; ++j) {
+        x[j] = row_exponent(log_b_[j], g_[j], Ci[j], inv_eps_);
+        m = std::max(m, x[j]);
+      }
+      T sum = 0;
+#pragma omp simd reduction(+ : sum)
+      for (int j = 0; j < M_; ++j) sum += gibbs_exp(x[j] - m);
+      f_new[i] = -eps_ * (m + math_log(sum));
       err += log_row_error(a_[i], f_[i], f_new[i], inv_eps_);
     }
     *err_out = err;
     if (tol >= T(0) && err <= tol) return true;
     for (int i = 0; i < N_; ++i)
       if (a_[i] > T(0)) f_[i] = f_new[i];
-    std::vector<T> col_max(M_, neg_inf<T>()), col_sum(M_, T(0));
+    T* col_max = bv_.data();  // scratch
+    T* col_sum = t_.data();
+    std::fill(col_max, col_max + M_, neg_inf<T>());
+    std::fill(col_sum, col_sum + M_, T(0));
     for (int i = 0; i < N_; ++i) {
       if (!(a_[i] > T(0))) continue;
       const T* Ci = C_ + static_cast<int64_t>(i) * M_;
+      const T fi = f_[i], la = log_a_[i];
+#pragma omp simd
       for (int j = 0; j < M_; ++j)
-        col_max[j] = std::max(col_max[j], col_exponent(log_a_[i], f_[i], Ci[j], inv_eps_));
+        col_max[j] = std::max(col_max[j], col_exponent(la, fi, Ci[j], inv_eps_));
     }
     for (int i = 0; i < N_; ++i) {
       if (!(a_[i] > T(0))) continue;
       const T* Ci = C_ + static_cast<int64_t>(i) * M_;
+      const T fi = f_[i], la = log_a_[i];
+#pragma omp simd
       for (int j = 0; j < M_; ++j)
-        col_sum[j] += math_exp(col_exponent(log_a_[i], f_[i], Ci[j], inv_eps_) - col_max[j]);
+        col_sum[j] += gibbs_exp(col_exponent(la, fi, Ci[j], inv_eps_) - col_max[j]);
     }
     for (int j = 0; j < M_; ++j)
       if (b_[j] > T(0)) g_[j] = -eps_ * (col_max[j] + math_log(col_sum[j]));
     return false;
   }
 
-  void build_kernel() {
+  SBT_INLINE void build_kernel() {
     for (int i = 0; i < N_; ++i) {
       const T* Ci = C_ + static_cast<int64_t>(i) * M_;
       T* Ki = K_ + static_cast<int64_t>(i) * M_;
       const bool row = a_[i] > T(0);
+#pragma omp simd
       for (int j = 0; j < M_; ++j)
-        Ki[j] = (row && b_[j] > T(0)) ? gibbs(f_[i], g_[j], Ci[j], inv_eps_) : T(0);
+        Ki[j] = (row && b_[j] > T(0)) ? gibbs_exp((f_[i] + g_[j] - Ci[j]) * inv_eps_) : T(0);
     }
     for (int i = 0; i < N_; ++i) u_[i] = a_[i] > T(0) ? T(1) : T(0);
     for (int j = 0; j < M_; ++j) v_[j] = b_[j] > T(0) ? T(1) : T(0);
   }
 
-  void absorb_scalings() {
+  // Final potentials; keeps u and b v for the plan.
+  SBT_INLINE void absorb_scalings_into_potentials() {
+    for (int i = 0; i < N_; ++i) f_[i] = absorb(f_[i], u_[i], eps_);
+    for (int j = 0; j < M_; ++j) {
+      g_[j] = absorb(g_[j], v_[j], eps_);
+      bv_[j] = b_[j] * v_[j];
+    }
+  }
+
+  SBT_INLINE void absorb_scalings() {
     for (int i = 0; i < N_; ++i) f_[i] = absorb(f_[i], u_[i], eps_);
     for (int j = 0; j < M_; ++j) g_[j] = absorb(g_[j], v_[j], eps_);
     std::fill(u_.begin(), u_.end(), T(1));
@@ -202,7 +281,49 @@ class Solver {
   std::vector<T> log_a_, log_b_, u_, u_new_, v_, bv_, t_;
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_cpu(
+struct ProblemArgs {
+  int N, M, max_iters;
+};
+
+// Returns false (and solves nothing) if the cost has a NaN or Inf.
+template <typename T>
+SBT_INLINE bool solve_one(const T* C, const T* a, const T* b, T* plan, T* f, T* g, int* iters,
+                          T* err, T* value, T* value_linear, ProblemArgs args, T eps, T tol) {
+  const int64_t NM = static_cast<int64_t>(args.N) * args.M;
+  T probe = 0;  // 0 * x is NaN exactly when x is NaN or Inf
+#pragma omp simd reduction(+ : probe)
+  for (int64_t e = 0; e < NM; ++e) probe += C[e] * T(0);
+  if (probe != T(0)) return false;
+  Solver<T> solver(C, a, b, plan, f, g, args.N, args.M, eps);
+  *iters = solver.run(args.max_iters, tol);
+  *err = solver.finish(value, value_linear);
+  return true;
+}
+
+template <typename T>
+bool solve_generic(const T* C, const T* a, const T* b, T* plan, T* f, T* g, int* iters, T* err,
+                   T* value, T* value_linear, ProblemArgs args, T eps, T tol) {
+  return solve_one(C, a, b, plan, f, g, iters, err, value, value_linear, args, eps, tol);
+}
+
+#ifdef SBT_AVX2
+template <typename T>
+SBT_AVX2 bool solve_avx2(const T* C, const T* a, const T* b, T* plan, T* f, T* g, int* iters,
+                         T* err, T* value, T* value_linear, ProblemArgs args, T eps, T tol) {
+  return solve_one(C, a, b, plan, f, g, iters, err, value, value_linear, args, eps, tol);
+}
+#endif
+
+template <typename T>
+auto pick_solver() {
+#ifdef SBT_AVX2
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &solve_avx2<T>;
+#endif
+  return &solve_generic<T>;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+sinkhorn_cpu(
     const at::Tensor& cost, const at::Tensor& a, const at::Tensor& b, double eps,
     int64_t max_iters, double tol) {
   check_inputs(cost, a, b, eps, max_iters);
@@ -215,6 +336,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_
   auto g = at::empty({B, M}, C.options());
   auto iters = at::empty({B}, C.options().dtype(at::kInt));
   auto err = at::empty({B}, C.options());
+  auto value = at::empty({B}, C.options());
+  auto value_linear = at::empty({B}, C.options());
+  std::atomic<int64_t> bad_problem{-1};
   AT_DISPATCH_FLOATING_TYPES(C.scalar_type(), "sinkhorn_cpu", [&] {
     const scalar_t* Cp = C.data_ptr<scalar_t>();
     const scalar_t* ap = ac.data_ptr<scalar_t>();
@@ -224,18 +348,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_
     scalar_t* gp = g.data_ptr<scalar_t>();
     int* ip = iters.data_ptr<int>();
     scalar_t* ep = err.data_ptr<scalar_t>();
+    scalar_t* vp = value.data_ptr<scalar_t>();
+    scalar_t* lp = value_linear.data_ptr<scalar_t>();
+    const auto solve = pick_solver<scalar_t>();
+    const ProblemArgs args{static_cast<int>(N), static_cast<int>(M), static_cast<int>(max_iters)};
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
       FlushDenormals ftz;
-      for (int64_t p = begin; p < end; ++p) {
-        Solver<scalar_t> solver(Cp + p * N * M, ap + p * N, bp + p * M, Pp + p * N * M,
-                                fp + p * N, gp + p * M, static_cast<int>(N),
-                                static_cast<int>(M), static_cast<scalar_t>(eps));
-        ip[p] = solver.run(static_cast<int>(max_iters), static_cast<scalar_t>(tol));
-        ep[p] = solver.finish();
-      }
+      for (int64_t p = begin; p < end; ++p)
+        if (!solve(Cp + p * N * M, ap + p * N, bp + p * M, Pp + p * N * M, fp + p * N, gp + p * M,
+              ip + p, ep + p, vp + p, lp + p, args, static_cast<scalar_t>(eps),
+              static_cast<scalar_t>(tol)))
+          bad_problem.store(p);
     });
   });
-  return {plan, f, g, iters, err};
+  TORCH_CHECK_VALUE(bad_problem.load() < 0, "sinkhorn: cost contains NaN or Inf (problem ",
+                    bad_problem.load(), ")");
+  return {plan, f, g, value, value_linear, iters, err};
 }
 
 }  // namespace

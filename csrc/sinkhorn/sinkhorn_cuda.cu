@@ -79,11 +79,12 @@ __device__ void col_reduce(int N, int M, Acc* scratch, Term term, Done done,
   __syncthreads();
 }
 
-// Sum of one value per warp (lane 0's), broadcast to the block.
+// Sum over all threads of the block, broadcast to every thread.
 template <typename T>
-__device__ T block_sum(T warp_value, T* red) {
+__device__ T block_sum(T value, T* red) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (lane == 0) red[warp] = warp_value;
+  for (int o = 16; o > 0; o >>= 1) value += __shfl_xor_sync(0xffffffffu, value, o);
+  if (lane == 0) red[warp] = value;
   __syncthreads();
   T total = 0;
   for (int w = 0; w < kWarps; ++w) total += red[w];
@@ -107,7 +108,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
     sinkhorn_block_kernel(const T* __restrict__ C_all, const T* __restrict__ a_all,
                           const T* __restrict__ b_all, T* K_all, T* f_all, T* g_all,
-                          int* iters_out, T* err_out, T* ws_all, bool* mask_all, int N, int M,
+                          T* value_out, T* linear_out, int* iters_out, T* err_out, T* ws_all, bool* mask_all, int N, int M,
                           T eps, int max_iters, T tol) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   LogSumExp<T>* scratch = reinterpret_cast<LogSumExp<T>*>(smem_raw);
@@ -241,19 +242,44 @@ __global__ void __launch_bounds__(kThreads)
     K[e] *= a[i] * w.u[i] * b[j] * w.v[j];
   }
   __syncthreads();
-  T err_part = 0;
+  absorb_scalings();
+  T err_part = 0, dual_part = 0, mass_part = 0, lin_part = 0, mass_a = 0, mass_b = 0;
   row_reduce<Sum<T>>(
       N, M, [&](int i, int j) { return K[static_cast<int64_t>(i) * M + j]; },
-      [&](int i, T row) { err_part += math_abs(row - a[i]); }, w.row_present);
+      [&](int i, T row) {
+        err_part += math_abs(row - a[i]);
+        dual_part += f[i] * row;
+        mass_part += row;
+      },
+      w.row_present);
+  row_reduce<Sum<T>>(
+      N, M,
+      [&](int i, int j) {
+        const int64_t e = static_cast<int64_t>(i) * M + j;
+        return K[e] * C[e];
+      },
+      [&](int, T lin) { lin_part += lin; }, w.row_present);
+  col_reduce<Sum<T>>(
+      N, M, sum_scratch, [&](int i, int j) { return K[static_cast<int64_t>(i) * M + j]; },
+      [&](int j, T col) { dual_part += g[j] * col; }, w.row_present);
+  for (int i = tid; i < N; i += kThreads) mass_a += a[i];
+  for (int j = tid; j < M; j += kThreads) mass_b += b[j];
   const T err = block_sum(err_part, red);
-  absorb_scalings();
+  const T dual = block_sum(dual_part, red);
+  const T mass = block_sum(mass_part, red);
+  const T linear = block_sum(lin_part, red);
+  const T ma = block_sum(mass_a, red);
+  const T mb = block_sum(mass_b, red);
   if (tid == 0) {
     iters_out[p] = it;
     err_out[p] = err;
+    linear_out[p] = linear;
+    value_out[p] = dual - eps * (mass - ma * mb);
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+sinkhorn_cuda(
     const at::Tensor& cost, const at::Tensor& a, const at::Tensor& b, double eps,
     int64_t max_iters, double tol) {
   check_inputs(cost, a, b, eps, max_iters);
@@ -267,21 +293,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_
   auto g = at::empty({B, M}, C.options());
   auto iters = at::empty({B}, C.options().dtype(at::kInt));
   auto err = at::empty({B}, C.options());
+  auto value = at::empty({B}, C.options());
+  auto value_linear = at::empty({B}, C.options());
   auto ws = at::empty({B, 3 * N + 3 * M}, C.options());
   auto mask = at::empty({B, N + M}, C.options().dtype(at::kBool));
-  if (B == 0) return {plan, f, g, iters, err};
+  if (B == 0) return {plan, f, g, value, value_linear, iters, err};
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(C.scalar_type(), "sinkhorn_cuda", [&] {
     const size_t smem = kThreads * sizeof(LogSumExp<scalar_t>);
     sinkhorn_block_kernel<scalar_t><<<static_cast<unsigned>(B), kThreads, smem, stream>>>(
         C.data_ptr<scalar_t>(), ac.data_ptr<scalar_t>(), bc.data_ptr<scalar_t>(),
         plan.data_ptr<scalar_t>(), f.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(),
-        iters.data_ptr<int>(), err.data_ptr<scalar_t>(), ws.data_ptr<scalar_t>(),
+        value.data_ptr<scalar_t>(), value_linear.data_ptr<scalar_t>(), iters.data_ptr<int>(), err.data_ptr<scalar_t>(), ws.data_ptr<scalar_t>(),
         mask.data_ptr<bool>(), static_cast<int>(N), static_cast<int>(M),
         static_cast<scalar_t>(eps), static_cast<int>(max_iters), static_cast<scalar_t>(tol));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {plan, f, g, iters, err};
+  return {plan, f, g, value, value_linear, iters, err};
 }
 
 }  // namespace

@@ -12,7 +12,7 @@
 #if defined(__CUDACC__)
 #define SBT_HD __host__ __device__ __forceinline__
 #else
-#define SBT_HD inline
+#define SBT_HD inline __attribute__((always_inline))
 #endif
 
 namespace sbt {

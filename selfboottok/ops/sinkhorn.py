@@ -100,9 +100,10 @@ def _check(cost, a, b, eps, n_iters, tol):
     return cost, a, b
 
 
-def _check_values(cost, a, b):
-    """Data-dependent checks; they run inside the op so that torch.compile can trace around them."""
-    if not bool(torch.isfinite(cost).all()):
+def _check_values(cost, a, b, check_cost=True):
+    """Data-dependent checks; they run inside the op so that torch.compile can trace around them.
+    The CPU kernel checks the cost itself, in the pass that reads it anyway."""
+    if check_cost and not bool(torch.isfinite(cost).all()):
         raise ValueError("cost contains NaN or Inf")
     for name, w in (("a", a), ("b", b)):
         if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
@@ -137,28 +138,35 @@ def _compiled_kernel():
     if ext is None:
         raise RuntimeError(f"the compiled extension is unavailable: {reason}")
 
-    @torch.library.register_fake("selfboottok::sinkhorn_kernel")
-    def _(cost, a, b, eps, max_iters, tol):
-        B, N, M = cost.shape
-        return (
-            torch.empty_like(cost),
-            cost.new_empty(B, N),
-            cost.new_empty(B, M),
-            cost.new_empty(B, dtype=torch.int32),
-            cost.new_empty(B),
-        )
-
+    torch.library.register_fake("selfboottok::sinkhorn_kernel")(_fake_outputs)
     return torch.ops.selfboottok.sinkhorn_kernel
 
 
+def _fake_outputs(cost, a, b, eps, *_):
+    B, N, M = cost.shape
+    vec = cost.new_empty(B)
+    return (
+        torch.empty_like(cost),
+        cost.new_empty(B, N),
+        cost.new_empty(B, M),
+        vec,
+        torch.empty_like(vec),
+        cost.new_empty(B, dtype=torch.int32),
+        torch.empty_like(vec),
+    )
+
+
 def _run_kernel(cost, a, b, eps, n_iters, tol, backend):
-    if backend == "torch":
-        return sinkhorn_reference(cost, a, b, eps, n_iters, None if tol < 0 else tol)
+    """(plan, f, g, value, value_linear, n_iters, err) from one backend."""
+    if backend in ("cpu", "cuda"):
+        return _compiled_kernel()(cost, a, b, eps, n_iters, tol)
     if backend == "triton":
         from .triton.sinkhorn import sinkhorn_kernel
 
-        return sinkhorn_kernel(cost, a, b, eps, n_iters, tol)
-    return _compiled_kernel()(cost, a, b, eps, n_iters, tol)
+        plan, f, g, iters, err = sinkhorn_kernel(cost, a, b, eps, n_iters, tol)
+    else:
+        plan, f, g, iters, err = sinkhorn_reference(cost, a, b, eps, n_iters, None if tol < 0 else tol)
+    return (plan, f, g, *sinkhorn_value(cost, a, b, plan, f, g, eps), iters, err)
 
 
 @torch.library.custom_op("selfboottok::sinkhorn", mutates_args=())
@@ -171,26 +179,12 @@ def _sinkhorn_op(
     tol: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check_values(cost, a, b)
+    _check_values(cost, a, b, check_cost=backend != "cpu")
     with torch.no_grad():
-        plan, f, g, iters, err = _run_kernel(cost, a, b, eps, n_iters, tol, backend)
-        value, value_linear = sinkhorn_value(cost, a, b, plan, f, g, eps)
-    return plan, f, g, value, value_linear, iters, err
+        return tuple(_run_kernel(cost, a, b, eps, n_iters, tol, backend))
 
 
-@_sinkhorn_op.register_fake
-def _(cost, a, b, eps, n_iters, tol, backend):
-    B, N, M = cost.shape
-    vec = cost.new_empty(B)
-    return (
-        torch.empty_like(cost),
-        cost.new_empty(B, N),
-        cost.new_empty(B, M),
-        vec,
-        torch.empty_like(vec),
-        cost.new_empty(B, dtype=torch.int32),
-        torch.empty_like(vec),
-    )
+_sinkhorn_op.register_fake(_fake_outputs)
 
 
 def _setup_context(ctx, inputs, output):

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Creates .venv, installs torch and the test/bench dependencies, and builds selfboottok with its
+# C++/CUDA extension. TORCH_SPEC picks the torch build (default: 2.14.1, the CUDA 13.0 build,
+# which also lets the CUDA kernels compile on a machine without a GPU).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.14.1}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+PIP=".venv/bin/python -m pip"
+$PIP install -q "setuptools>=64" wheel ninja
+$PIP install -q "$TORCH_SPEC"
+.venv/bin/python -c "import torch" || { echo "torch failed to install" >&2; exit 1; }
+$PIP install -q --no-build-isolation -e ".[test,bench,triton]"
+.venv/bin/python -m selfboottok.ops
