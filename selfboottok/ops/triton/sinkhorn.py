@@ -64,7 +64,7 @@ def _sinkhorn_fwd(
 
     u = tl.zeros([BLOCK_N], dtype=K.dtype)
     v = tl.zeros([BLOCK_M], dtype=K.dtype)
-    n = tl.zeros([1], dtype=tl.int32).sum(0)
+    n = tl.zeros([1], dtype=tl.int32).sum(0)  # int32 scalar tensor, loop-carried
     go = n < max_iters
     while go:
         u_new = tl.where(row, -_lse_rows(K + (lb + v)[None, :]), 0.0)

@@ -1,0 +1,77 @@
+"""The extension loader: fallback when the compiled extension is missing, and the JIT build."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+BLOCK_EXTENSION = "import sys; sys.modules['selfboottok._C'] = None\n"
+
+
+def run_python(code, env_extra, tmp_path):
+    import os
+
+    env = dict(os.environ, **env_extra)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=900)
+
+
+def test_missing_extension_falls_back_with_one_log_line(tmp_path):
+    code = BLOCK_EXTENSION + textwrap.dedent("""
+        import torch
+        from selfboottok.ops import sinkhorn, backend_status
+        assert not backend_status("cpu")["cpu"][0]
+        res = sinkhorn(torch.rand(2, 5, 4, dtype=torch.float64), eps=0.1, n_iters=10)
+        res2 = sinkhorn(torch.rand(2, 5, 4, dtype=torch.float64), eps=0.1, n_iters=10)
+        assert torch.isfinite(res.plan).all()
+        print("OK")
+    """)
+    out = run_python(code, {"SELFBOOTTOK_NO_JIT": "1"}, tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "OK" in out.stdout
+    logged = [line for line in out.stderr.splitlines() if "selfboottok" in line]
+    assert len(logged) == 1 and "next backend" in logged[0], out.stderr
+
+
+def test_jit_build_when_extension_is_missing(tmp_path):
+    code = BLOCK_EXTENSION + textwrap.dedent("""
+        import torch
+        from selfboottok.ops import sinkhorn
+        from selfboottok.ops._torch_impl import sinkhorn_reference
+        cost = torch.rand(3, 7, 5, dtype=torch.float64)
+        a = torch.full((3, 7), 1 / 7, dtype=torch.float64)
+        b = torch.full((3, 5), 1 / 5, dtype=torch.float64)
+        res = sinkhorn(cost, a, b, eps=0.1, n_iters=30, backend="cpu")
+        ref = sinkhorn_reference(cost, a, b, 0.1, 30)
+        torch.testing.assert_close(res.plan, ref[0])
+        print("OK")
+    """)
+    out = run_python(code, {"SELFBOOTTOK_CACHE": str(tmp_path / "cache"), "SELFBOOTTOK_CUDA": "0"},
+                     tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "OK" in out.stdout
+    assert any((tmp_path / "cache").rglob("*.so"))
+
+
+def test_bad_selfboottok_cuda_value_is_rejected(monkeypatch):
+    from selfboottok.ops import _build
+
+    monkeypatch.setenv("SELFBOOTTOK_CUDA", "yes")
+    with pytest.raises(ValueError, match="SELFBOOTTOK_CUDA"):
+        _build.want_cuda()
+
+
+def test_sources_are_listed_once_and_exist():
+    from selfboottok.ops import _build
+
+    cpp, cu = _build.sources()
+    assert cpp and all(p.endswith(".cpp") for p in cpp)
+    assert all(p.endswith(".cu") for p in cu)
+    assert len(set(cpp + cu)) == len(cpp + cu)
+    import os
+
+    assert all(os.path.isfile(p) for p in cpp + cu)
+    if torch.version.cuda:
+        assert cu, "CUDA sources must be listed"
