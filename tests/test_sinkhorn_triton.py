@@ -14,7 +14,7 @@ triton = pytest.importorskip("triton", reason="triton is not installed")
 from selfboottok.ops._torch_impl import sinkhorn_reference  # noqa: E402
 from selfboottok.ops.triton.sinkhorn import (  # noqa: E402
     MAX_TILE,
-    max_tile_elements,
+    fits,
     sinkhorn_kernel,
 )
 
@@ -122,7 +122,7 @@ def test_zero_iterations_and_immediate_stop():
 
 
 def test_rejects_unsupported_inputs(monkeypatch):
-    assert max_tile_elements() == MAX_TILE
+    assert fits(128, 128) and not fits(129, 128)
     n = 2 * int(MAX_TILE**0.5) + 1  # padded tile exceeds the limit
     big = torch.zeros(1, n, n, device=DEVICE)
     w = torch.full((1, n), 1.0 / n, device=DEVICE)

@@ -56,10 +56,9 @@ def sinkhorn(cost, a=None, b=None, *, eps, n_iters=100, tol=None, backend="auto"
         cost, a, b = cost[None], a[None], b[None]
     name = _backend.resolve(backend, cost.device, ("cuda", "triton", "cpu"))
     if name == "triton":
-        from .triton.sinkhorn import MAX_TILE
+        from .triton.sinkhorn import MAX_TILE, fits
 
-        tile = _next_pow2(cost.shape[1]) * _next_pow2(cost.shape[2])
-        if tile > MAX_TILE:
+        if not fits(cost.shape[1], cost.shape[2]):
             if backend == "triton":
                 raise ValueError(f"backend 'triton' handles N*M tiles up to {MAX_TILE} elements")
             name = "cuda" if _backend.status("cuda")["cuda"][0] else "torch"
@@ -70,10 +69,6 @@ def sinkhorn(cost, a=None, b=None, *, eps, n_iters=100, tol=None, backend="auto"
     if squeeze:
         res = SinkhornResult(*(t[0] for t in res))
     return res
-
-
-def _next_pow2(n):
-    return 1 << (n - 1).bit_length()
 
 
 def _check(cost, a, b, eps, n_iters, tol):

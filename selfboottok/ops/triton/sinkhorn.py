@@ -12,14 +12,16 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["sinkhorn_kernel", "max_tile_elements", "MAX_TILE"]
+__all__ = ["sinkhorn_kernel", "fits", "MAX_TILE"]
 
-# Largest padded tile (BLOCK_N * BLOCK_M) one program holds in registers.
-MAX_TILE = 65536
+# Largest padded tile (BLOCK_N * BLOCK_M) one program holds in registers; past ~128x128 fp32
+# the compiled kernel spills (ptxas, sm_90).
+MAX_TILE = 16384
 
 
-def max_tile_elements() -> int:
-    return MAX_TILE
+def fits(N: int, M: int) -> bool:
+    """Whether an N x M problem fits one program's tile."""
+    return triton.next_power_of_2(N) * triton.next_power_of_2(M) <= MAX_TILE
 
 
 @triton.jit
@@ -118,7 +120,7 @@ def sinkhorn_kernel(cost, a, b, eps: float, max_iters: int, tol: float):
         raise ValueError(f"max_iters must be >= 0, got {max_iters}")
     BLOCK_N = triton.next_power_of_2(N)
     BLOCK_M = triton.next_power_of_2(M)
-    if BLOCK_N * BLOCK_M > MAX_TILE:
+    if not fits(N, M):
         raise ValueError(
             f"padded tile {BLOCK_N}x{BLOCK_M} exceeds the Triton sinkhorn limit "
             f"MAX_TILE={MAX_TILE} elements per problem"
