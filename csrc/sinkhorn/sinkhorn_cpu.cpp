@@ -38,10 +38,11 @@ struct FlushDenormals {
 };
 
 // exp for the Gibbs kernel, vectorisable: 2^k * p(r) with |r| <= ln2/2, ~2 ulp in float.
-// Inputs below -87 give ~1e-38 (flushed to 0 under FTZ); absent entries never reach it.
+// Inputs are clamped: below -87 gives ~1e-38 and callers mask absent entries with a 0 factor.
 SBT_INLINE float gibbs_exp(float x) {
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   x = std::min(std::max(x, -87.0f), 88.0f);
-  const float k = std::floor(x * 1.44269504f + 0.5f);
+  const float k = (x * 1.44269504f + kRound) - kRound;
   const float r = (x - k * 0.693145751953125f) - k * 1.42860677e-6f;
   float p = 1.98412698e-4f;
   p = p * r + 1.38888889e-3f;
@@ -55,7 +56,7 @@ SBT_INLINE float gibbs_exp(float x) {
   std::memcpy(&two_k, &bits, sizeof(float));
   return p * two_k;
 }
-SBT_INLINE double gibbs_exp(double x) { return std::exp(x); }
+SBT_INLINE double gibbs_exp(double x) { return std::exp(std::min(x, 700.0)); }
 
 // One Sinkhorn iteration in the scaling domain, a single pass over K:
 // s_i = (K (b v))_i, u_i' = 1 / s_i, t = K^T (a u'). Rows go four at a time so that the
@@ -192,66 +193,80 @@ class Solver {
 
  private:
   // f-update then g-update in the log domain; true if it stopped on tol before applying.
-  // Two passes (max, then sum of exp) keep both loops vectorisable.
+  // Two passes (max, then sum of exp) keep the loops branch-free and vectorisable.
   SBT_INLINE bool log_iteration(T tol, T* err_out) {
+    const int M = M_;
+    const T inv_eps = inv_eps_;
+    T* __restrict f_new = u_new_.data();  // scratch
+    T* __restrict x = t_.data();
+    T* __restrict col_max = bv_.data();
+    const T* __restrict log_a = log_a_.data();
+    const T* __restrict log_b = log_b_.data();
+    T* __restrict f = f_;
+    T* __restrict g = g_;
     T err = 0;
-    T* f_new = u_new_.data();  // scratch
-    T* x = t_.data();
     for (int i = 0; i < N_; ++i) {
       if (!(a_[i] > T(0))) continue;
-      const T* Ci = C_ + static_cast<int64_t>(i) * M_;
+      const T* __restrict Ci = C_ + static_cast<int64_t>(i) * M;
       T m = neg_inf<T>();
 #pragma omp simd reduction(max : m)
-      for (int j = 0; j < M_; ++j) {
-        x[j] = row_exponent(log_b_[j], g_[j], Ci[j], inv_eps_);
+      for (int j = 0; j < M; ++j) {
+        x[j] = row_exponent(log_b[j], g[j], Ci[j], inv_eps);
         m = std::max(m, x[j]);
       }
       T sum = 0;
 #pragma omp simd reduction(+ : sum)
-      for (int j = 0; j < M_; ++j) sum += gibbs_exp(x[j] - m);
+      for (int j = 0; j < M; ++j) sum += gibbs_exp(x[j] - m);
       f_new[i] = -eps_ * (m + math_log(sum));
-      err += log_row_error(a_[i], f_[i], f_new[i], inv_eps_);
+      err += log_row_error(a_[i], f[i], f_new[i], inv_eps);
     }
     *err_out = err;
     if (tol >= T(0) && err <= tol) return true;
     for (int i = 0; i < N_; ++i)
-      if (a_[i] > T(0)) f_[i] = f_new[i];
-    T* col_max = bv_.data();  // scratch
-    T* col_sum = t_.data();
-    std::fill(col_max, col_max + M_, neg_inf<T>());
-    std::fill(col_sum, col_sum + M_, T(0));
+      if (a_[i] > T(0)) f[i] = f_new[i];
+    T* __restrict col_sum = x;
+    std::fill(col_max, col_max + M, neg_inf<T>());
+    std::fill(col_sum, col_sum + M, T(0));
     for (int i = 0; i < N_; ++i) {
       if (!(a_[i] > T(0))) continue;
-      const T* Ci = C_ + static_cast<int64_t>(i) * M_;
-      const T fi = f_[i], la = log_a_[i];
+      const T* __restrict Ci = C_ + static_cast<int64_t>(i) * M;
+      const T fi = f[i], la = log_a[i];
 #pragma omp simd
-      for (int j = 0; j < M_; ++j)
-        col_max[j] = std::max(col_max[j], col_exponent(la, fi, Ci[j], inv_eps_));
+      for (int j = 0; j < M; ++j) col_max[j] = std::max(col_max[j], col_exponent(la, fi, Ci[j], inv_eps));
     }
     for (int i = 0; i < N_; ++i) {
       if (!(a_[i] > T(0))) continue;
-      const T* Ci = C_ + static_cast<int64_t>(i) * M_;
-      const T fi = f_[i], la = log_a_[i];
+      const T* __restrict Ci = C_ + static_cast<int64_t>(i) * M;
+      const T fi = f[i], la = log_a[i];
 #pragma omp simd
-      for (int j = 0; j < M_; ++j)
-        col_sum[j] += gibbs_exp(col_exponent(la, fi, Ci[j], inv_eps_) - col_max[j]);
+      for (int j = 0; j < M; ++j)
+        col_sum[j] += gibbs_exp(col_exponent(la, fi, Ci[j], inv_eps) - col_max[j]);
     }
-    for (int j = 0; j < M_; ++j)
-      if (b_[j] > T(0)) g_[j] = -eps_ * (col_max[j] + math_log(col_sum[j]));
+    for (int j = 0; j < M; ++j)
+      if (b_[j] > T(0)) g[j] = -eps_ * (col_max[j] + math_log(col_sum[j]));
     return false;
   }
 
+  // K_ij = exp((f_i + g_j - C_ij) / eps) on the support, 0 elsewhere; scalings reset to 1.
   SBT_INLINE void build_kernel() {
+    const int M = M_;
+    const T inv_eps = inv_eps_;
+    T* __restrict col_on = t_.data();  // scratch: 1 on present columns, else 0
+    const T* __restrict g = g_;
+    for (int j = 0; j < M; ++j) col_on[j] = b_[j] > T(0) ? T(1) : T(0);
     for (int i = 0; i < N_; ++i) {
-      const T* Ci = C_ + static_cast<int64_t>(i) * M_;
-      T* Ki = K_ + static_cast<int64_t>(i) * M_;
-      const bool row = a_[i] > T(0);
+      T* __restrict Ki = K_ + static_cast<int64_t>(i) * M;
+      if (!(a_[i] > T(0))) {
+        std::fill(Ki, Ki + M, T(0));
+        continue;
+      }
+      const T* __restrict Ci = C_ + static_cast<int64_t>(i) * M;
+      const T fi = f_[i];
 #pragma omp simd
-      for (int j = 0; j < M_; ++j)
-        Ki[j] = (row && b_[j] > T(0)) ? gibbs_exp((f_[i] + g_[j] - Ci[j]) * inv_eps_) : T(0);
+      for (int j = 0; j < M; ++j) Ki[j] = gibbs_exp((fi + g[j] - Ci[j]) * inv_eps) * col_on[j];
     }
     for (int i = 0; i < N_; ++i) u_[i] = a_[i] > T(0) ? T(1) : T(0);
-    for (int j = 0; j < M_; ++j) v_[j] = b_[j] > T(0) ? T(1) : T(0);
+    for (int j = 0; j < M; ++j) v_[j] = b_[j] > T(0) ? T(1) : T(0);
   }
 
   // Final potentials; keeps u and b v for the plan.

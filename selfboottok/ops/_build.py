@@ -122,7 +122,7 @@ def prepare_environment(cuda: bool) -> None:
 
 
 def compile_args(cuda: bool) -> dict:
-    cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-semantic-interposition"]
+    cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fno-semantic-interposition"]
     args = {"cxx": cxx + (["-DSELFBOOTTOK_WITH_CUDA"] if cuda else [])}
     if cuda:
         args["nvcc"] = ["-O3", "-lineinfo", "-DSELFBOOTTOK_WITH_CUDA"]
