@@ -21,3 +21,20 @@ def gen():
     seed = int.from_bytes(os.urandom(4), "little")
     print(f"seed={seed}")
     return torch.Generator().manual_seed(seed)
+
+
+def random_problem(gen, B, N, M, dtype=torch.float64, ragged=False, uniform=False):
+    cost = torch.rand(B, N, M, generator=gen, dtype=dtype) * 3.0 - 1.0
+    if uniform:
+        a = torch.full((B, N), 1.0 / N, dtype=dtype)
+        b = torch.full((B, M), 1.0 / M, dtype=dtype)
+    else:
+        a = torch.rand(B, N, generator=gen, dtype=dtype) + 0.2
+        b = torch.rand(B, M, generator=gen, dtype=dtype) + 0.2
+    if ragged:
+        for p in range(B):
+            a[p, torch.randperm(N, generator=gen)[: N // 3]] = 0
+            b[p, torch.randperm(M, generator=gen)[: M // 4]] = 0
+    a = a / a.sum(-1, keepdim=True)
+    b = b / b.sum(-1, keepdim=True)
+    return cost, a, b

@@ -9,7 +9,7 @@ import ot
 import pytest
 import torch
 
-from conftest import backends_for
+from conftest import backends_for, random_problem
 from selfboottok.ops import sinkhorn
 from selfboottok.ops._torch_impl import sinkhorn_reference
 
@@ -18,23 +18,6 @@ CPU_BACKENDS = backends_for("cpu")
 FAST_BACKENDS = [b for b in CPU_BACKENDS if b != "triton"]
 SHAPES = [(1, 5, 7), (3, 37, 13), (2, 16, 64)]
 REL_EPS = [1.0, 1e-1, 1e-2, 1e-3]
-
-
-def random_problem(gen, B, N, M, dtype=torch.float64, ragged=False, uniform=False):
-    cost = torch.rand(B, N, M, generator=gen, dtype=dtype) * 3.0 - 1.0
-    if uniform:
-        a = torch.full((B, N), 1.0 / N, dtype=dtype)
-        b = torch.full((B, M), 1.0 / M, dtype=dtype)
-    else:
-        a = torch.rand(B, N, generator=gen, dtype=dtype) + 0.2
-        b = torch.rand(B, M, generator=gen, dtype=dtype) + 0.2
-    if ragged:
-        for p in range(B):
-            a[p, torch.randperm(N, generator=gen)[: N // 3]] = 0
-            b[p, torch.randperm(M, generator=gen)[: M // 4]] = 0
-    a = a / a.sum(-1, keepdim=True)
-    b = b / b.sum(-1, keepdim=True)
-    return cost, a, b
 
 
 def pot_fixed_iters(cost, a, b, eps, n_iters):
@@ -326,41 +309,3 @@ def test_cli_lists_backends():
     lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
     assert "available" in lines["cpu"].split()[1] and lines["cpu"].split()[1] == "available"
     assert lines["torch"].split()[1] == "available"
-
-
-# ---- GPU ------------------------------------------------------------------------------------
-
-cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-@cuda_only
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("rel_eps", REL_EPS)
-@pytest.mark.parametrize("shape", SHAPES + [(8, 256, 64)])
-def test_gpu_backends_match_reference(gen, backend, dtype, rel_eps, shape):
-    if backend not in backends_for("cuda"):
-        pytest.skip(f"{backend} unavailable on this GPU machine")
-    cost, a, b = random_problem(gen, *shape, ragged=True)
-    eps = scaled_eps(cost, rel_eps)
-    ref = sinkhorn_reference(cost, a, b, eps, 200)
-    res = sinkhorn(cost.to(dtype).cuda(), a.to(dtype).cuda(), b.to(dtype).cuda(), eps=eps,
-                   n_iters=200, backend=backend)
-    atol = (1e-10 if dtype == torch.float64 else 1e-5) * ref[0].max()
-    torch.testing.assert_close(res.plan.double().cpu(), ref[0], atol=atol, rtol=0)
-    tol_res = sinkhorn(cost.cuda(), a.cuda(), b.cuda(), eps=eps, n_iters=5000, tol=1e-6,
-                       backend=backend)
-    tol_ref = sinkhorn_reference(cost, a, b, eps, 5000, tol=1e-6)
-    assert (tol_res.n_iters.cpu() - tol_ref[3]).abs().max() <= 1
-
-
-@cuda_only
-def test_gpu_gradients_match_cpu(gen):
-    cost, a, b = random_problem(gen, 2, 9, 5)
-    grads = []
-    for device in ("cpu", "cuda"):
-        c = cost.to(device).requires_grad_()
-        res = sinkhorn(c, a.to(device), b.to(device), eps=0.2, n_iters=5000, tol=1e-14)
-        (res.plan.square().sum() + res.value.sum()).backward()
-        grads.append(c.grad.cpu())
-    torch.testing.assert_close(grads[0], grads[1], atol=1e-9, rtol=1e-7)
