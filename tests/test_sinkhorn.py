@@ -16,7 +16,7 @@ from selfboottok.ops._torch_impl import sinkhorn_reference
 CPU_BACKENDS = backends_for("cpu")
 # The Triton interpreter is slow: only small problems go through it.
 FAST_BACKENDS = [b for b in CPU_BACKENDS if b != "triton"]
-SHAPES = [(1, 5, 7), (3, 37, 13), (2, 16, 64)]
+SHAPES = [(1, 5, 7), (3, 37, 13), (2, 16, 64), (3, 21, 24)]
 REL_EPS = [1.0, 1e-1, 1e-2, 1e-3]
 
 

@@ -9,10 +9,11 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__SSE__) || defined(__x86_64__)
-#include <xmmintrin.h>
+#include <immintrin.h>
 #define SBT_HAS_MXCSR 1
 #endif
 
@@ -63,9 +64,9 @@ SBT_INLINE double gibbs_exp(double x) { return std::exp(std::min(x, 700.0)); }
 // dot products run as independent chains. Returns false if a scaling must be absorbed.
 template <typename T>
 SBT_INLINE bool scaling_pass(const T* K, int N, int M, const T* a, const T* bv, const T* u,
-                             T* u_new, T* t, T* err_out) {
+                             T* u_new, T* t, T* err_out, bool clear_t = true) {
   constexpr int R = 4;
-  std::fill(t, t + M, T(0));
+  if (clear_t) std::fill(t, t + M, T(0));
   T err = 0;
   bool ok = true;
   // Inlined: an out-of-line call from AVX code would pay the SSE/AVX transition per row.
@@ -112,7 +113,72 @@ SBT_INLINE bool scaling_pass(const T* K, int N, int M, const T* a, const T* bv, 
   return ok;
 }
 
-template <typename T>
+#ifdef SBT_AVX2
+// horizontal sums of eight vectors: lane r of the result is the sum of v[r].
+SBT_AVX2 SBT_INLINE __m256 transpose_sum8(const __m256* v) {
+  const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20),
+                       _mm256_permute2f128_ps(s0123, s4567, 0x31));
+}
+
+// scaling_pass for float with AVX2, eight rows at a time (M a multiple of 8): the row
+// bookkeeping (division, error, range check) runs on one vector per eight rows.
+SBT_AVX2 bool scaling_pass_avx2(const float* K, int N, int M, const float* a,
+                                const float* bv, const float* u, float* u_new,
+                                float* t, float* err_out) {
+  constexpr int R = 8;
+  const int N8 = N - N % R;
+  std::fill(t, t + M, 0.0f);
+  const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
+  const __m256 lo = _mm256_set1_ps(1.0f / Absorb<float>::tau);
+  const __m256 hi = _mm256_set1_ps(Absorb<float>::tau);
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 err = zero;
+  int bad = 0;
+  for (int i = 0; i < N8; i += R) {
+    const float* Kr = K + static_cast<int64_t>(i) * M;
+    __m256 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = zero;
+    for (int j = 0; j < M; j += 8) {
+      const __m256 x = _mm256_loadu_ps(bv + j);
+      for (int r = 0; r < R; ++r)
+        acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(Kr + static_cast<int64_t>(r) * M + j), x, acc[r]);
+    }
+    const __m256 s = transpose_sum8(acc);
+    const __m256 av = _mm256_loadu_ps(a + i);
+    const __m256 present = _mm256_cmp_ps(av, zero, _CMP_GT_OQ);
+    const __m256 e = _mm256_mul_ps(av, _mm256_and_ps(abs_mask, _mm256_fmsub_ps(_mm256_loadu_ps(u + i), s, one)));
+    err = _mm256_add_ps(err, _mm256_and_ps(present, e));
+    const __m256 un = _mm256_div_ps(one, s);
+    const __m256 in_range = _mm256_and_ps(_mm256_cmp_ps(un, lo, _CMP_GE_OQ), _mm256_cmp_ps(un, hi, _CMP_LE_OQ));
+    bad |= _mm256_movemask_ps(_mm256_andnot_ps(in_range, present));
+    const __m256 un_present = _mm256_and_ps(present, un);
+    _mm256_storeu_ps(u_new + i, un_present);
+    alignas(32) float w[R];
+    _mm256_store_ps(w, _mm256_mul_ps(av, un_present));
+    __m256 wr[R];
+    for (int r = 0; r < R; ++r) wr[r] = _mm256_set1_ps(w[r]);
+    for (int j = 0; j < M; j += 8) {
+      __m256 tj = _mm256_loadu_ps(t + j);
+      for (int r = 0; r < R; ++r)
+        tj = _mm256_fmadd_ps(wr[r], _mm256_loadu_ps(Kr + static_cast<int64_t>(r) * M + j), tj);
+      _mm256_storeu_ps(t + j, tj);
+    }
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, err);
+  float total = 0.0f;
+  for (float x : lanes) total += x;
+  float tail_err = 0.0f;
+  const bool tail_ok = scaling_pass(K + static_cast<int64_t>(N8) * M, N - N8, M, a + N8, bv,
+                                    u + N8, u_new + N8, t, &tail_err, /*clear_t=*/false);
+  *err_out = total + tail_err;
+  return bad == 0 && tail_ok;
+}
+#endif
+
+template <typename T, bool kAvx2>
 class Solver {
  public:
   Solver(const T* C, const T* a, const T* b, T* K, T* f, T* g, int N, int M, T eps)
@@ -139,8 +205,7 @@ class Solver {
         continue;
       }
       for (int j = 0; j < M_; ++j) bv_[j] = b_[j] * v_[j];
-      const bool ok = scaling_pass(K_, N_, M_, a_, bv_.data(), u_.data(), u_new_.data(),
-                                   t_.data(), &err);
+      const bool ok = pass(&err);
       if (tol >= T(0) && err <= tol) break;
       bool v_ok = ok;
       for (int j = 0; j < M_ && v_ok; ++j) v_ok = !(b_[j] > T(0)) || scaling_ok(T(1) / t_[j]);
@@ -155,6 +220,17 @@ class Solver {
     }
     if (!kernel_valid) build_kernel();
     return it;
+  }
+
+  SBT_INLINE bool pass(T* err) {
+#ifdef SBT_AVX2
+    if constexpr (kAvx2 && std::is_same_v<T, float>) {
+      if (M_ % 8 == 0)
+        return scaling_pass_avx2(K_, N_, M_, a_, bv_.data(), u_.data(), u_new_.data(), t_.data(),
+                                 err);
+    }
+#endif
+    return scaling_pass(K_, N_, M_, a_, bv_.data(), u_.data(), u_new_.data(), t_.data(), err);
   }
 
   // Writes the plan over K and the absorbed potentials. Returns the row-marginal L1 error and
@@ -301,7 +377,7 @@ struct ProblemArgs {
 };
 
 // Returns false (and solves nothing) if the cost has a NaN or Inf.
-template <typename T>
+template <typename T, bool kAvx2>
 SBT_INLINE bool solve_one(const T* C, const T* a, const T* b, T* plan, T* f, T* g, int* iters,
                           T* err, T* value, T* value_linear, ProblemArgs args, T eps, T tol) {
   const int64_t NM = static_cast<int64_t>(args.N) * args.M;
@@ -309,7 +385,7 @@ SBT_INLINE bool solve_one(const T* C, const T* a, const T* b, T* plan, T* f, T* 
 #pragma omp simd reduction(+ : probe)
   for (int64_t e = 0; e < NM; ++e) probe += C[e] * T(0);
   if (probe != T(0)) return false;
-  Solver<T> solver(C, a, b, plan, f, g, args.N, args.M, eps);
+  Solver<T, kAvx2> solver(C, a, b, plan, f, g, args.N, args.M, eps);
   *iters = solver.run(args.max_iters, tol);
   *err = solver.finish(value, value_linear);
   return true;
@@ -318,14 +394,14 @@ SBT_INLINE bool solve_one(const T* C, const T* a, const T* b, T* plan, T* f, T* 
 template <typename T>
 bool solve_generic(const T* C, const T* a, const T* b, T* plan, T* f, T* g, int* iters, T* err,
                    T* value, T* value_linear, ProblemArgs args, T eps, T tol) {
-  return solve_one(C, a, b, plan, f, g, iters, err, value, value_linear, args, eps, tol);
+  return solve_one<T, false>(C, a, b, plan, f, g, iters, err, value, value_linear, args, eps, tol);
 }
 
 #ifdef SBT_AVX2
 template <typename T>
 SBT_AVX2 bool solve_avx2(const T* C, const T* a, const T* b, T* plan, T* f, T* g, int* iters,
                          T* err, T* value, T* value_linear, ProblemArgs args, T eps, T tol) {
-  return solve_one(C, a, b, plan, f, g, iters, err, value, value_linear, args, eps, tol);
+  return solve_one<T, true>(C, a, b, plan, f, g, iters, err, value, value_linear, args, eps, tol);
 }
 #endif
 
