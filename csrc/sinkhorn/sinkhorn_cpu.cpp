@@ -17,7 +17,7 @@
 #define SBT_HAS_MXCSR 1
 #endif
 
-#include "sinkhorn_check.h"
+#include "sinkhorn_host.h"
 #include "sinkhorn_math.h"
 
 namespace sbt {
@@ -413,8 +413,7 @@ auto pick_solver() {
   return &solve_generic<T>;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-sinkhorn_cpu(
+Outputs sinkhorn_cpu(
     const at::Tensor& cost, const at::Tensor& a, const at::Tensor& b, double eps,
     int64_t max_iters, double tol) {
   check_inputs(cost, a, b, eps, max_iters);
@@ -422,25 +421,19 @@ sinkhorn_cpu(
   const auto ac = a.contiguous();
   const auto bc = b.contiguous();
   const int64_t B = C.size(0), N = C.size(1), M = C.size(2);
-  auto plan = at::empty_like(C);
-  auto f = at::empty({B, N}, C.options());
-  auto g = at::empty({B, M}, C.options());
-  auto iters = at::empty({B}, C.options().dtype(at::kInt));
-  auto err = at::empty({B}, C.options());
-  auto value = at::empty({B}, C.options());
-  auto value_linear = at::empty({B}, C.options());
+  OutputTensors out(C);
   std::atomic<int64_t> bad_problem{-1};
   AT_DISPATCH_FLOATING_TYPES(C.scalar_type(), "sinkhorn_cpu", [&] {
     const scalar_t* Cp = C.data_ptr<scalar_t>();
     const scalar_t* ap = ac.data_ptr<scalar_t>();
     const scalar_t* bp = bc.data_ptr<scalar_t>();
-    scalar_t* Pp = plan.data_ptr<scalar_t>();
-    scalar_t* fp = f.data_ptr<scalar_t>();
-    scalar_t* gp = g.data_ptr<scalar_t>();
-    int* ip = iters.data_ptr<int>();
-    scalar_t* ep = err.data_ptr<scalar_t>();
-    scalar_t* vp = value.data_ptr<scalar_t>();
-    scalar_t* lp = value_linear.data_ptr<scalar_t>();
+    scalar_t* Pp = out.plan.data_ptr<scalar_t>();
+    scalar_t* fp = out.f.data_ptr<scalar_t>();
+    scalar_t* gp = out.g.data_ptr<scalar_t>();
+    int* ip = out.iters.data_ptr<int>();
+    scalar_t* ep = out.err.data_ptr<scalar_t>();
+    scalar_t* vp = out.value.data_ptr<scalar_t>();
+    scalar_t* lp = out.value_linear.data_ptr<scalar_t>();
     const auto solve = pick_solver<scalar_t>();
     const ProblemArgs args{static_cast<int>(N), static_cast<int>(M), static_cast<int>(max_iters)};
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
@@ -454,7 +447,7 @@ sinkhorn_cpu(
   });
   TORCH_CHECK_VALUE(bad_problem.load() < 0, "sinkhorn: cost contains NaN or Inf (problem ",
                     bad_problem.load(), ")");
-  return {plan, f, g, value, value_linear, iters, err};
+  return out.as_tuple();
 }
 
 }  // namespace

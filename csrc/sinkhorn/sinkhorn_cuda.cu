@@ -6,7 +6,7 @@
 #include <torch/library.h>
 #include <torch/types.h>
 
-#include "sinkhorn_check.h"
+#include "sinkhorn_host.h"
 #include "sinkhorn_math.h"
 
 namespace sbt {
@@ -108,8 +108,8 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
     sinkhorn_block_kernel(const T* __restrict__ C_all, const T* __restrict__ a_all,
                           const T* __restrict__ b_all, T* K_all, T* f_all, T* g_all,
-                          T* value_out, T* linear_out, int* iters_out, T* err_out, T* ws_all, bool* mask_all, int N, int M,
-                          T eps, int max_iters, T tol) {
+                          T* value_out, T* linear_out, int* iters_out, T* err_out, T* ws_all,
+                          bool* mask_all, int N, int M, T eps, int max_iters, T tol) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   LogSumExp<T>* scratch = reinterpret_cast<LogSumExp<T>*>(smem_raw);
   __shared__ T red[kWarps];
@@ -278,8 +278,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-sinkhorn_cuda(
+Outputs sinkhorn_cuda(
     const at::Tensor& cost, const at::Tensor& a, const at::Tensor& b, double eps,
     int64_t max_iters, double tol) {
   check_inputs(cost, a, b, eps, max_iters);
@@ -288,28 +287,23 @@ sinkhorn_cuda(
   const auto ac = a.contiguous();
   const auto bc = b.contiguous();
   const int64_t B = C.size(0), N = C.size(1), M = C.size(2);
-  auto plan = at::empty_like(C);
-  auto f = at::empty({B, N}, C.options());
-  auto g = at::empty({B, M}, C.options());
-  auto iters = at::empty({B}, C.options().dtype(at::kInt));
-  auto err = at::empty({B}, C.options());
-  auto value = at::empty({B}, C.options());
-  auto value_linear = at::empty({B}, C.options());
+  OutputTensors out(C);
   auto ws = at::empty({B, 3 * N + 3 * M}, C.options());
   auto mask = at::empty({B, N + M}, C.options().dtype(at::kBool));
-  if (B == 0) return {plan, f, g, value, value_linear, iters, err};
+  if (B == 0) return out.as_tuple();
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(C.scalar_type(), "sinkhorn_cuda", [&] {
     const size_t smem = kThreads * sizeof(LogSumExp<scalar_t>);
     sinkhorn_block_kernel<scalar_t><<<static_cast<unsigned>(B), kThreads, smem, stream>>>(
         C.data_ptr<scalar_t>(), ac.data_ptr<scalar_t>(), bc.data_ptr<scalar_t>(),
-        plan.data_ptr<scalar_t>(), f.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(),
-        value.data_ptr<scalar_t>(), value_linear.data_ptr<scalar_t>(), iters.data_ptr<int>(), err.data_ptr<scalar_t>(), ws.data_ptr<scalar_t>(),
+        out.plan.data_ptr<scalar_t>(), out.f.data_ptr<scalar_t>(), out.g.data_ptr<scalar_t>(),
+        out.value.data_ptr<scalar_t>(), out.value_linear.data_ptr<scalar_t>(),
+        out.iters.data_ptr<int>(), out.err.data_ptr<scalar_t>(), ws.data_ptr<scalar_t>(),
         mask.data_ptr<bool>(), static_cast<int>(N), static_cast<int>(M),
         static_cast<scalar_t>(eps), static_cast<int>(max_iters), static_cast<scalar_t>(tol));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {plan, f, g, value, value_linear, iters, err};
+  return out.as_tuple();
 }
 
 }  // namespace
