@@ -192,8 +192,12 @@ class Solver {
 
   // Runs up to max_iters iterations; stops before the first one whose starting plan has
   // row-marginal L1 error <= tol (tol < 0: never). Returns the iterations applied.
-  SBT_INLINE int run(int max_iters, T tol) {
-    bool kernel_valid = false;
+  // With start_scaled, starts in the scaling domain from K = exp(-C/eps) (worth it when the
+  // cost range is a modest multiple of eps); a pass that under- or overflows falls back to a
+  // log-domain iteration like any other absorption.
+  SBT_INLINE int run(int max_iters, T tol, bool start_scaled) {
+    bool kernel_valid = start_scaled;
+    if (start_scaled) build_kernel();
     int it = 0;
     while (it < max_iters) {
       T err;
@@ -382,11 +386,17 @@ SBT_INLINE bool solve_one(const T* C, const T* a, const T* b, T* plan, T* f, T* 
                           T* err, T* value, T* value_linear, ProblemArgs args, T eps, T tol) {
   const int64_t NM = static_cast<int64_t>(args.N) * args.M;
   T probe = 0;  // 0 * x is NaN exactly when x is NaN or Inf
-#pragma omp simd reduction(+ : probe)
-  for (int64_t e = 0; e < NM; ++e) probe += C[e] * T(0);
+  T lo = C[0], hi = C[0];
+#pragma omp simd reduction(+ : probe) reduction(min : lo) reduction(max : hi)
+  for (int64_t e = 0; e < NM; ++e) {
+    probe += C[e] * T(0);
+    lo = std::min(lo, C[e]);
+    hi = std::max(hi, C[e]);
+  }
   if (probe != T(0)) return false;
+  constexpr T kScaledStartRange = 50;  // in units of eps; exp(-50) is far from underflow
   Solver<T, kAvx2> solver(C, a, b, plan, f, g, args.N, args.M, eps);
-  *iters = solver.run(args.max_iters, tol);
+  *iters = solver.run(args.max_iters, tol, (hi - lo) <= kScaledStartRange * eps);
   *err = solver.finish(value, value_linear);
   return true;
 }
