@@ -5,6 +5,7 @@ Each op has one public function, a pure-PyTorch reference in ``_torch_impl`` and
 """
 
 from ._backend import status as backend_status
+from .attention import MultiheadAttention, attention
 from .sinkhorn import SinkhornResult, sinkhorn
 
-__all__ = ["sinkhorn", "SinkhornResult", "backend_status"]
+__all__ = ["attention", "MultiheadAttention", "sinkhorn", "SinkhornResult", "backend_status"]

@@ -102,11 +102,12 @@ def status(device_type: str = "cpu") -> dict[str, tuple[bool, str]]:
     return out
 
 
-def resolve(backend: str, device: torch.device, auto_order: tuple[str, ...]) -> str:
-    """The backend to run: `auto` picks the first available in auto_order."""
+def resolve(backend: str, device: torch.device, auto_order: tuple[str, ...], avail=None) -> str:
+    """The backend to run: `auto` picks the first available in auto_order. `avail` is an op's
+    own status dict when it differs from the compiled kernels' `status`."""
     if backend not in BACKENDS + ("auto",):
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
-    avail = status(device.type)
+    avail = status(device.type) if avail is None else avail
     if backend == "auto":
         for name in auto_order:
             if avail[name][0]:

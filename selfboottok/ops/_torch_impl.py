@@ -65,3 +65,52 @@ def sinkhorn_value(cost, a, b, plan, f, g, eps):
         - eps * (plan.sum((1, 2)) - mass_q)
     )
     return value, value_linear
+
+
+def attention_allowed(key_padding_mask, causal, B, Lq, Lk, device):
+    """Bool ``[B,1,Lq,Lk]`` (or None when everything is allowed): True where query i may see
+    key j. Causal is aligned bottom-right: ``j <= i + (Lk - Lq)``."""
+    allowed = None
+    if key_padding_mask is not None:
+        allowed = key_padding_mask[:, None, None, :].expand(B, 1, Lq, Lk)
+    if causal:
+        i = torch.arange(Lq, device=device)[:, None]
+        j = torch.arange(Lk, device=device)[None, :]
+        tri = (j <= i + (Lk - Lq))[None, None]
+        allowed = tri if allowed is None else allowed & tri
+    return allowed
+
+
+def attention_reference(q, k, v, key_padding_mask=None, causal=False, scale=None, *,
+                        upcast=True, return_lse=False):
+    """Explicit ``softmax(q k^T * scale, masked) @ v`` on ``[B,H,L,D]`` tensors.
+
+    Computed in float32 (float64 for float64 inputs); ``upcast=False`` computes in the input
+    dtype instead (the low-precision baseline of the tests). Rows with no allowed key give 0,
+    with zero gradients. ``return_lse`` also returns the float32/float64 log-sum-exp of the
+    masked scaled scores, ``-inf`` for such rows.
+    """
+    B, _, Lq, D = q.shape
+    Lk = k.shape[2]
+    scale = D**-0.5 if scale is None else scale
+    dtype = q.dtype
+    if upcast:
+        dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    s = (q.to(dtype) @ k.to(dtype).transpose(-1, -2)) * scale
+    allowed = attention_allowed(key_padding_mask, causal, B, Lq, Lk, q.device)
+    if allowed is not None:
+        s = s.masked_fill(~allowed, float("-inf"))
+    # the shift cancels in the softmax; 0 on empty rows keeps exp(-inf - m) = 0 instead of NaN
+    m = s.amax(-1, keepdim=True).detach()
+    m = torch.where(torch.isfinite(m), m, 0.0)
+    p = torch.exp(s - m)
+    denom = p.sum(-1, keepdim=True)
+    empty = denom == 0
+    denom = torch.where(empty, 1.0, denom)  # also keeps log() and its gradient finite
+    out = (p / denom) @ v.to(dtype)
+    out = out.to(q.dtype)
+    if not return_lse:
+        return out
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lse = torch.where(empty, float("-inf"), m + denom.log())[..., 0]
+    return out, lse.to(lse_dtype)

@@ -1,0 +1,230 @@
+"""Fused scaled-dot-product attention: `attention`, its custom op, and `MultiheadAttention`."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import _backend
+from ._torch_impl import attention_allowed, attention_reference
+
+__all__ = ["attention", "MultiheadAttention", "status"]
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+MAX_HEAD_DIM = 128
+
+
+def attention(q, k, v, *, key_padding_mask=None, causal=False, scale=None, backend="auto"):
+    """``softmax(q k^T * scale) @ v`` per batch and head, with masking.
+
+    Args:
+        q: ``[B,H,Lq,D]``; ``D <= 128`` and a multiple of 8. float32/float16/bfloat16
+            (float64 for references and tests).
+        k, v: ``[B,H,Lk,D]``, or equal-length lists/tuples of chunks ``[B,H,Lk_i,D]`` read as
+            their concatenation along the sequence. Same dtype and device as ``q``.
+        key_padding_mask: bool ``[B,Lk]``, True for a real key.
+        causal: query ``i`` may attend key ``j`` iff ``j <= i + (Lk - Lq)``: the diagonal is
+            aligned bottom-right (FlashAttention convention), so the last query sees every key.
+        scale: multiplies the scores; default ``1/sqrt(D)``.
+        backend: ``"auto"`` | ``"cpu"`` | ``"torch"`` (``"cuda"``/``"triton"`` not yet).
+
+    A query row with no allowed key returns zeros, and its gradients are zero.
+    Returns ``[B,H,Lq,D]`` in the dtype of ``q``.
+    """
+    q, k, v, key_padding_mask, scale = _check(q, k, v, key_padding_mask, causal, scale)
+    name = _backend.resolve(backend, q.device, ("cpu",), status(q.device.type))
+    out, _ = torch.ops.selfboottok.attention(q, k, v, key_padding_mask, bool(causal), scale, name)
+    return out
+
+
+def _check(q, k, v, key_padding_mask, causal, scale):
+    if not isinstance(q, torch.Tensor):
+        raise ValueError(f"q must be a torch.Tensor, got {type(q).__name__}")
+    if q.dim() != 4:
+        raise ValueError(f"q must be [B,H,Lq,D], got shape {tuple(q.shape)}")
+    if q.dtype not in DTYPES:
+        raise ValueError(f"q must be float32, float16, bfloat16 or float64, got {q.dtype}")
+    B, H, Lq, D = q.shape
+    if D > MAX_HEAD_DIM or D % 8 != 0:
+        raise ValueError(f"head dim D must be a multiple of 8 and <= {MAX_HEAD_DIM}, got D={D}")
+    if min(B, H, Lq) == 0:
+        raise ValueError(f"q must have B, H, Lq >= 1, got shape {tuple(q.shape)}")
+    k = _chunks("k", k, q)
+    v = _chunks("v", v, q)
+    if len(k) != len(v) or any(a.shape[2] != b.shape[2] for a, b in zip(k, v)):
+        raise ValueError(
+            f"k and v must have the same chunk lengths, got {[c.shape[2] for c in k]} "
+            f"and {[c.shape[2] for c in v]}"
+        )
+    # The kernels will read the chunks in place; for now they are copied into one tensor.
+    k = k[0] if len(k) == 1 else torch.cat(k, dim=2)
+    v = v[0] if len(v) == 1 else torch.cat(v, dim=2)
+    Lk = k.shape[2]
+    if key_padding_mask is not None:
+        m = key_padding_mask
+        if not isinstance(m, torch.Tensor) or m.dtype != torch.bool:
+            got = m.dtype if isinstance(m, torch.Tensor) else type(m).__name__
+            raise ValueError(f"key_padding_mask must be a bool tensor [B,Lk], got {got}")
+        if tuple(m.shape) != (B, Lk):
+            raise ValueError(f"key_padding_mask must have shape {(B, Lk)}, got {tuple(m.shape)}")
+        if m.device != q.device:
+            raise ValueError(f"key_padding_mask is on {m.device} but q is on {q.device}")
+        key_padding_mask = m.contiguous()
+    if not isinstance(causal, bool):
+        raise ValueError(f"causal must be a bool, got {causal!r}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be None or a finite number, got {scale!r}")
+    return q, k, v, key_padding_mask, float(scale)
+
+
+def _chunks(name, x, q):
+    chunks = list(x) if isinstance(x, (list, tuple)) else [x]
+    if not chunks:
+        raise ValueError(f"{name} must be a tensor or a non-empty list of chunks")
+    B, H, _, D = q.shape
+    for i, c in enumerate(chunks):
+        what = name if isinstance(x, torch.Tensor) else f"{name}[{i}]"
+        if not isinstance(c, torch.Tensor):
+            raise ValueError(f"{what} must be a torch.Tensor, got {type(c).__name__}")
+        if c.dim() != 4 or (c.shape[0], c.shape[1], c.shape[3]) != (B, H, D):
+            raise ValueError(f"{what} must be [{B},{H},Lk,{D}] to match q, got {tuple(c.shape)}")
+        if c.dtype != q.dtype:
+            raise ValueError(f"{what} has dtype {c.dtype} but q has {q.dtype}")
+        if c.device != q.device:
+            raise ValueError(f"{what} is on {c.device} but q is on {q.device}")
+    if sum(c.shape[2] for c in chunks) == 0:
+        raise ValueError(f"{name} must have Lk >= 1 keys in total")
+    return chunks
+
+
+def status(device_type: str = "cpu") -> dict[str, tuple[bool, str]]:
+    """backend -> (available for attention on `device_type` tensors, reason). The `cpu`
+    backend is PyTorch's SDPA, so unlike the other ops it needs no compiled extension."""
+    out = {name: (False, "not implemented yet for attention") for name in ("cuda", "triton")}
+    if device_type == "cpu":
+        out["cpu"] = (True, "torch scaled_dot_product_attention on CPU")
+    else:
+        out["cpu"] = (False, "tensors are not on the CPU")
+    out["torch"] = (True, "pure-PyTorch reference")
+    return out
+
+
+def _lse_dtype(dtype):
+    # float64 inputs keep a float64 lse so the backward matches the float64 reference
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _sdpa_cpu(q, k, v, key_padding_mask, causal, scale):
+    B, _, Lq, _ = q.shape
+    allowed = attention_allowed(key_padding_mask, causal, B, Lq, k.shape[2], q.device)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
+    c = _lse_dtype(q.dtype)
+    s = (q.to(c) @ k.to(c).transpose(-1, -2)) * scale
+    if allowed is not None:
+        s = s.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    # SDPA gives NaN on rows with no allowed key
+    out = torch.where(torch.isfinite(lse)[..., None], out, 0.0)
+    return out, lse
+
+
+@torch.library.custom_op("selfboottok::attention", mutates_args=())
+def _attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: Optional[torch.Tensor],
+    causal: bool,
+    scale: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        if backend == "cpu":
+            out, lse = _sdpa_cpu(q, k, v, key_padding_mask, causal, scale)
+        elif backend == "torch":
+            out, lse = attention_reference(q, k, v, key_padding_mask, causal, scale, return_lse=True)
+        else:
+            raise RuntimeError(f"attention backend {backend!r} is not implemented yet")
+    return out.to(q.dtype).contiguous(), lse.to(_lse_dtype(q.dtype)).contiguous()
+
+
+@_attention_op.register_fake
+def _fake(q, k, v, key_padding_mask, causal, scale, backend):
+    B, H, Lq, D = q.shape
+    return q.new_empty(B, H, Lq, D), q.new_empty(B, H, Lq, dtype=_lse_dtype(q.dtype))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_padding_mask, causal, scale, _ = inputs
+    ctx.set_materialize_grads(False)
+    ctx.causal, ctx.scale = causal, scale
+    ctx.save_for_backward(q, k, v, key_padding_mask, *output)
+
+
+def _backward(ctx, g_out, g_lse):
+    """Flash-attention backward by explicit math from the saved out and lse."""
+    q, k, v, key_padding_mask, out, lse = ctx.saved_tensors
+    c = _lse_dtype(q.dtype)
+    qc, kc, vc = q.to(c), k.to(c), v.to(c)
+    B, _, Lq, _ = q.shape
+    s = (qc @ kc.transpose(-1, -2)) * ctx.scale
+    keep = torch.isfinite(lse)[..., None]
+    allowed = attention_allowed(key_padding_mask, ctx.causal, B, Lq, k.shape[2], q.device)
+    if allowed is not None:
+        keep = keep & allowed
+    p = torch.where(keep, torch.exp(s - torch.where(keep, lse[..., None], 0.0)), 0.0)
+    ds = torch.zeros_like(p)
+    dv = torch.zeros_like(vc)
+    if g_out is not None:
+        do = g_out.to(c)
+        dv = p.transpose(-1, -2) @ do
+        dp = do @ vc.transpose(-1, -2)
+        dsum = (do * out.to(c)).sum(-1, keepdim=True)
+        ds = p * (dp - dsum)
+    if g_lse is not None:
+        ds = ds + p * g_lse.to(c)[..., None]
+    dq = (ds @ kc) * ctx.scale
+    dk = (ds.transpose(-1, -2) @ qc) * ctx.scale
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+
+
+_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class MultiheadAttention(nn.Module):
+    """Multi-head (self- or cross-) attention with q/k/v/out projections over :func:`attention`.
+
+    ``kv_dim`` is the feature size of ``context`` for cross-attention (default ``dim``).
+    """
+
+    def __init__(self, dim, num_heads, qkv_bias=True, kv_dim=None):
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        kv_dim = dim if kv_dim is None else kv_dim
+        self.num_heads = num_heads
+        self.q_proj = nn.Linear(dim, dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(kv_dim, dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(kv_dim, dim, bias=qkv_bias)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, x, context=None, key_padding_mask=None, causal=False):
+        """x ``[B,L,dim]``; context ``[B,Lk,kv_dim]`` or a list of such chunks (default x);
+        key_padding_mask bool ``[B,Lk]``. Returns ``[B,L,dim]``."""
+        context = x if context is None else context
+        chunks = list(context) if isinstance(context, (list, tuple)) else [context]
+        q = self._heads(self.q_proj(x))
+        k = [self._heads(self.k_proj(c)) for c in chunks]
+        v = [self._heads(self.v_proj(c)) for c in chunks]
+        out = attention(q, k, v, key_padding_mask=key_padding_mask, causal=causal)
+        B, _, L, _ = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(B, L, -1))
+
+    def _heads(self, t):
+        B, L, _ = t.shape
+        return t.view(B, L, self.num_heads, -1).transpose(1, 2)
