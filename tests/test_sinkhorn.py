@@ -125,9 +125,10 @@ def test_tol_stops_each_problem_on_its_own(gen, backend):
     cost, a, b = random_problem(gen, 3, N, M)
     cost[0] *= 0.01  # nearly uniform: converges in a few iterations
     cost[2] *= 4.0  # hardest
-    eps, tol = 0.05, 1e-7
-    res = sinkhorn(cost, a, b, eps=eps, n_iters=5000, tol=tol, backend=backend)
-    ref = sinkhorn_reference(cost, a, b, eps, 5000, tol=tol)
+    # at eps = 0.3 the worst of 800 random draws took 2119 iterations: the cap is 10x that
+    eps, tol = 0.3, 1e-7
+    res = sinkhorn(cost, a, b, eps=eps, n_iters=20000, tol=tol, backend=backend)
+    ref = sinkhorn_reference(cost, a, b, eps, 20000, tol=tol)
     assert res.n_iters[0] < res.n_iters[2]
     assert (res.marginal_error <= tol).all()
     # the stop decision may differ by one iteration where the error is within rounding of tol
@@ -297,8 +298,6 @@ def test_bad_tensors():
 
 
 def test_unavailable_backend_is_a_clear_error():
-    if "cuda" in CPU_BACKENDS:
-        pytest.skip("cuda backend reported available for CPU tensors")
     with pytest.raises(RuntimeError, match="'cuda' is not available"):
         sinkhorn(torch.rand(1, 3, 3), eps=0.1, backend="cuda")
 

@@ -212,14 +212,17 @@ class Solver {
       const bool ok = pass(&err);
       if (tol >= T(0) && err <= tol) break;
       bool v_ok = ok;
-      for (int j = 0; j < M_ && v_ok; ++j) v_ok = !(b_[j] > T(0)) || scaling_ok(T(1) / t_[j]);
+      for (int j = 0; j < M_; ++j) {  // t_ becomes the candidate v
+        t_[j] = b_[j] > T(0) ? T(1) / t_[j] : T(0);
+        v_ok = v_ok && (!(b_[j] > T(0)) || scaling_ok(t_[j]));
+      }
       if (!v_ok) {
         absorb_scalings();
         kernel_valid = false;
         continue;
       }
       std::swap(u_, u_new_);
-      for (int j = 0; j < M_; ++j) v_[j] = b_[j] > T(0) ? T(1) / t_[j] : T(0);
+      std::swap(v_, t_);
       ++it;
     }
     if (!kernel_valid) build_kernel();

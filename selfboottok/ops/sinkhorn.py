@@ -61,7 +61,7 @@ def sinkhorn(cost, a=None, b=None, *, eps, n_iters=100, tol=None, backend="auto"
         if not fits(cost.shape[1], cost.shape[2]):
             if backend == "triton":
                 raise ValueError(f"backend 'triton' handles N*M tiles up to {MAX_TILE} elements")
-            name = "cuda" if _backend.status("cuda")["cuda"][0] else "torch"
+            name = "torch"  # auto only picks triton when the cuda backend is unavailable
     out = torch.ops.selfboottok.sinkhorn(
         cost, a, b, float(eps), int(n_iters), -1.0 if tol is None else float(tol), name
     )
