@@ -101,29 +101,50 @@ def test_empty_rows_are_zero(gen, backend, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_chunks_equal_concatenation(gen, backend):
-    q, k, v, mask = make(gen, 2, 2, 10, 21, 64, padded=True, dtype=torch.float32)
+def test_chunks_and_strided_views_equal_one_tensor(gen, backend):
+    """Up to four chunks (one empty) and transposed views read in place give the result of one
+    contiguous tensor, gradients included (kernels may tile differently at chunk borders)."""
+    B, H, Lq, Lk, D = 2, 2, 10, 21, 64
+    q, k, v, mask = make(gen, B, H, Lq, Lk, D, padded=True, dtype=torch.float32)
     dout = torch.randn(q.shape, generator=gen, dtype=torch.float32)
     full = forward_backward(
         lambda *t: attention(*t, key_padding_mask=mask, causal=True, backend=backend), q, k, v, dout
     )
-    cuts = [(0, 4), (4, 5), (5, 21)]
+    cuts = [(0, 4), (4, 4), (4, 5), (5, 21)]
 
     def chunked(q, k, v):
-        ks = [k[:, :, a:b] for a, b in cuts]
+        # [B,L,H,D] storage seen as [B,H,L,D], as a projection's view(B,L,H,D).transpose(1,2) is
+        q = q.transpose(1, 2).contiguous().transpose(1, 2)
+        ks = [k[:, :, a:b].transpose(1, 2).contiguous().transpose(1, 2) for a, b in cuts]
         vs = [v[:, :, a:b] for a, b in cuts]
+        assert not ks[-1].is_contiguous()
         return attention(q, ks, tuple(vs), key_padding_mask=mask, causal=True, backend=backend)
 
     for a, b in zip(forward_backward(chunked, q, k, v, dout), full):
-        torch.testing.assert_close(a, b, atol=0, rtol=0)
+        torch.testing.assert_close(a, b)
+
+
+def test_too_many_chunks():
+    q = torch.randn(1, 1, 4, 16)
+    with pytest.raises(ValueError, match="at most 4 chunks"):
+        attention(q, [q] * 5, [q] * 5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("padded", [False, True])
 def test_opcheck(gen, backend, padded):
     q, k, v, mask = make(gen, 2, 2, 5, 7, 16, padded=padded, dtype=torch.float32)
-    q, k, v = (t.requires_grad_() for t in (q, k, v))
-    torch.library.opcheck(torch.ops.selfboottok.attention.default, (q, k, v, mask, True, 0.3, backend))
+    ks = [k[:, :, :3].clone().requires_grad_(), k[:, :, 3:].clone().requires_grad_()]
+    vs = [v[:, :, :3].clone().requires_grad_(), v[:, :, 3:].clone().requires_grad_()]
+    q.requires_grad_()
+    torch.library.opcheck(torch.ops.selfboottok.attention.default, (q, ks, vs, mask, True, 0.3, backend))
+    out, lse = torch.ops.selfboottok.attention(q, ks, vs, mask, True, 0.3, backend)
+    dout = torch.randn(out.shape, generator=gen)
+    delta = (dout * out).sum(-1).detach()
+    # the backward op is not differentiable itself (no double backward)
+    plain = [[t.detach() for t in c] for c in (ks, vs)]
+    args = (q.detach(), *plain, mask, True, 0.3, out.detach(), lse.detach(), dout, delta, backend)
+    torch.library.opcheck(torch.ops.selfboottok.attention_backward.default, args)
 
 
 def test_default_scale(gen):
@@ -178,11 +199,22 @@ def test_bad_inputs(kwargs, match):
         attention(q, k, v, **kwargs)
 
 
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
-def test_unimplemented_backends(backend):
+def test_unavailable_or_float64_kernels_say_why():
     q = torch.randn(1, 1, 4, 16)
-    with pytest.raises(RuntimeError, match="not implemented yet"):
-        attention(q, q, q, backend=backend)
+    unavailable = [name for name, (ok, _) in status("cpu").items() if not ok]
+    for name in unavailable:
+        with pytest.raises(RuntimeError, match=f"backend '{name}' is not available"):
+            attention(q, q, q, backend=name)
+    for name in ("cuda", "triton"):
+        with pytest.raises(RuntimeError, match="not float64"):
+            attention(q.double(), q.double(), q.double(), backend=name)
+
+
+def test_auto_never_picks_the_interpreter_on_cpu(monkeypatch):
+    from selfboottok.ops import _backend
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert _backend.resolve("auto", torch.device("cpu"), ("cuda", "triton", "cpu"), status("cpu")) == "cpu"
 
 
 def test_multihead_attention(gen):

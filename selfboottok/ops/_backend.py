@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from pathlib import Path
@@ -14,9 +13,17 @@ log = logging.getLogger("selfboottok.ops")
 BACKENDS = ("cuda", "triton", "cpu", "torch")
 
 
-@functools.lru_cache(maxsize=None)
+_loaded: list = []  # a plain cache (not lru_cache) so torch.compile traces the lookup
+
+
 def extension():
     """(module or None, reason). Imports selfboottok._C, else JIT-builds it into a cache dir."""
+    if not _loaded:
+        _loaded.append(_load())
+    return _loaded[0]
+
+
+def _load():
     try:
         from selfboottok import _C  # noqa: F401
 
@@ -110,6 +117,9 @@ def resolve(backend: str, device: torch.device, auto_order: tuple[str, ...], ava
     avail = status(device.type) if avail is None else avail
     if backend == "auto":
         for name in auto_order:
+            # the Triton interpreter on CPU tensors is for tests; auto never picks it
+            if name == "triton" and device.type == "cpu":
+                continue
             if avail[name][0]:
                 return name
         return "torch"

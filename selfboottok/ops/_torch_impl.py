@@ -114,3 +114,27 @@ def attention_reference(q, k, v, key_padding_mask=None, causal=False, scale=None
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     lse = torch.where(empty, float("-inf"), m + denom.log())[..., 0]
     return out, lse.to(lse_dtype)
+
+
+def attention_backward_reference(q, k, v, key_padding_mask, causal, scale, lse, dout, delta):
+    """Flash-attention backward by explicit math, from the forward's ``lse`` and
+    ``delta = rowsum(dout * out) - grad_lse``: returns ``(dq, dk, dv)`` in the input dtype.
+
+    ``P = exp(scale q k^T - lse)`` on allowed keys (0 elsewhere and on rows with ``lse = -inf``),
+    ``dS = P (dout v^T - delta)``, ``dq = scale dS k``, ``dk = scale dS^T q``, ``dv = P^T dout``.
+    """
+    c = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qc, kc, vc = q.to(c), k.to(c), v.to(c)
+    B, _, Lq, _ = q.shape
+    s = (qc @ kc.transpose(-1, -2)) * scale
+    keep = torch.isfinite(lse)[..., None]
+    allowed = attention_allowed(key_padding_mask, causal, B, Lq, k.shape[2], q.device)
+    if allowed is not None:
+        keep = keep & allowed
+    p = torch.where(keep, torch.exp(s - torch.where(keep, lse.to(c)[..., None], 0.0)), 0.0)
+    do = dout.to(c)
+    dv = p.transpose(-1, -2) @ do
+    ds = p * (do @ vc.transpose(-1, -2) - delta.to(c)[..., None])
+    dq = (ds @ kc) * scale
+    dk = (ds.transpose(-1, -2) @ qc) * scale
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

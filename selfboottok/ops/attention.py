@@ -9,12 +9,14 @@ import torch
 from torch import nn
 
 from . import _backend
-from ._torch_impl import attention_allowed, attention_reference
+from ._torch_impl import attention_allowed, attention_backward_reference, attention_reference
 
 __all__ = ["attention", "MultiheadAttention", "status"]
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 MAX_HEAD_DIM = 128
+MAX_CHUNKS = 4
+KERNELS = ("cuda", "triton")
 
 
 def attention(q, k, v, *, key_padding_mask=None, causal=False, scale=None, backend="auto"):
@@ -22,20 +24,27 @@ def attention(q, k, v, *, key_padding_mask=None, causal=False, scale=None, backe
 
     Args:
         q: ``[B,H,Lq,D]``; ``D <= 128`` and a multiple of 8. float32/float16/bfloat16
-            (float64 for references and tests).
-        k, v: ``[B,H,Lk,D]``, or equal-length lists/tuples of chunks ``[B,H,Lk_i,D]`` read as
-            their concatenation along the sequence. Same dtype and device as ``q``.
+            (float64 for references and tests: served by the ``cpu`` and ``torch`` backends).
+        k, v: ``[B,H,Lk,D]``, or equal-length lists/tuples of up to 4 chunks ``[B,H,Lk_i,D]``
+            read as their concatenation along the sequence. The ``cuda`` and ``triton`` kernels
+            read the chunks in place (no copy); ``cpu`` and ``torch`` concatenate them. Any
+            strides with a contiguous last dim are read as they are. Same dtype and device as q.
         key_padding_mask: bool ``[B,Lk]``, True for a real key.
         causal: query ``i`` may attend key ``j`` iff ``j <= i + (Lk - Lq)``: the diagonal is
             aligned bottom-right (FlashAttention convention), so the last query sees every key.
         scale: multiplies the scores; default ``1/sqrt(D)``.
-        backend: ``"auto"`` | ``"cpu"`` | ``"torch"`` (``"cuda"``/``"triton"`` not yet).
+        backend: ``"auto"`` (cuda, then triton on GPU tensors; cpu on CPU tensors) | ``"cuda"`` |
+            ``"triton"`` | ``"cpu"`` (PyTorch's SDPA) | ``"torch"`` (the explicit reference).
 
     A query row with no allowed key returns zeros, and its gradients are zero.
     Returns ``[B,H,Lq,D]`` in the dtype of ``q``.
     """
     q, k, v, key_padding_mask, scale = _check(q, k, v, key_padding_mask, causal, scale)
-    name = _backend.resolve(backend, q.device, ("cpu",), status(q.device.type))
+    avail = status(q.device.type)
+    if q.dtype == torch.float64:
+        for name in KERNELS:
+            avail[name] = (False, "the kernels take float32, float16 and bfloat16, not float64")
+    name = _backend.resolve(backend, q.device, KERNELS + ("cpu",), avail)
     out, _ = torch.ops.selfboottok.attention(q, k, v, key_padding_mask, bool(causal), scale, name)
     return out
 
@@ -59,10 +68,7 @@ def _check(q, k, v, key_padding_mask, causal, scale):
             f"k and v must have the same chunk lengths, got {[c.shape[2] for c in k]} "
             f"and {[c.shape[2] for c in v]}"
         )
-    # The kernels will read the chunks in place; for now they are copied into one tensor.
-    k = k[0] if len(k) == 1 else torch.cat(k, dim=2)
-    v = v[0] if len(v) == 1 else torch.cat(v, dim=2)
-    Lk = k.shape[2]
+    Lk = sum(c.shape[2] for c in k)
     if key_padding_mask is not None:
         m = key_padding_mask
         if not isinstance(m, torch.Tensor) or m.dtype != torch.bool:
@@ -79,13 +85,15 @@ def _check(q, k, v, key_padding_mask, causal, scale):
         scale = 1.0 / math.sqrt(D)
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale must be None or a finite number, got {scale!r}")
-    return q, k, v, key_padding_mask, float(scale)
+    return _lastdim_contiguous(q), k, v, key_padding_mask, float(scale)
 
 
 def _chunks(name, x, q):
     chunks = list(x) if isinstance(x, (list, tuple)) else [x]
     if not chunks:
         raise ValueError(f"{name} must be a tensor or a non-empty list of chunks")
+    if len(chunks) > MAX_CHUNKS:
+        raise ValueError(f"{name} may have at most {MAX_CHUNKS} chunks, got {len(chunks)}")
     B, H, _, D = q.shape
     for i, c in enumerate(chunks):
         what = name if isinstance(x, torch.Tensor) else f"{name}[{i}]"
@@ -99,13 +107,29 @@ def _chunks(name, x, q):
             raise ValueError(f"{what} is on {c.device} but q is on {q.device}")
     if sum(c.shape[2] for c in chunks) == 0:
         raise ValueError(f"{name} must have Lk >= 1 keys in total")
-    return chunks
+    return [_lastdim_contiguous(c) for c in chunks]
+
+
+def _lastdim_contiguous(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def status(device_type: str = "cpu") -> dict[str, tuple[bool, str]]:
     """backend -> (available for attention on `device_type` tensors, reason). The `cpu`
     backend is PyTorch's SDPA, so unlike the other ops it needs no compiled extension."""
-    out = {name: (False, "not implemented yet for attention") for name in ("cuda", "triton")}
+    out = {}
+    ext, why = _backend.extension()
+    if device_type != "cuda":
+        out["cuda"] = (False, "tensors are not on a CUDA device")
+    elif ext is None:
+        out["cuda"] = (False, why)
+    elif not ext.cuda_compiled() or not hasattr(torch.ops.selfboottok, "attention_fwd_kernel"):
+        out["cuda"] = (False, "selfboottok._C was built without the CUDA attention kernels")
+    elif not torch.cuda.is_available():
+        out["cuda"] = (False, "no CUDA device")
+    else:
+        out["cuda"] = (True, "CUDA kernels in selfboottok._C")
+    out["triton"] = _backend._triton_status(device_type)
     if device_type == "cpu":
         out["cpu"] = (True, "torch scaled_dot_product_attention on CPU")
     else:
@@ -117,6 +141,10 @@ def status(device_type: str = "cpu") -> dict[str, tuple[bool, str]]:
 def _lse_dtype(dtype):
     # float64 inputs keep a float64 lse so the backward matches the float64 reference
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _cat(chunks):
+    return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=2)
 
 
 def _sdpa_cpu(q, k, v, key_padding_mask, causal, scale):
@@ -136,20 +164,30 @@ def _sdpa_cpu(q, k, v, key_padding_mask, causal, scale):
 @torch.library.custom_op("selfboottok::attention", mutates_args=())
 def _attention_op(
     q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
+    k: list[torch.Tensor],
+    v: list[torch.Tensor],
     key_padding_mask: Optional[torch.Tensor],
     causal: bool,
     scale: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (out, lse): lse is the float32 (float64 for float64 inputs) natural-log
+    log-sum-exp of the allowed scaled scores, -inf on rows with no allowed key."""
     with torch.no_grad():
-        if backend == "cpu":
-            out, lse = _sdpa_cpu(q, k, v, key_padding_mask, causal, scale)
-        elif backend == "torch":
-            out, lse = attention_reference(q, k, v, key_padding_mask, causal, scale, return_lse=True)
+        if backend == "cuda":
+            out, lse = torch.ops.selfboottok.attention_fwd_kernel(
+                q, k, v, key_padding_mask, causal, scale
+            )
+        elif backend == "triton":
+            from .triton.attention import attention_fwd
+
+            out, lse = attention_fwd(q, k, v, key_padding_mask, causal, scale)
+        elif backend == "cpu":
+            out, lse = _sdpa_cpu(q, _cat(k), _cat(v), key_padding_mask, causal, scale)
         else:
-            raise RuntimeError(f"attention backend {backend!r} is not implemented yet")
+            out, lse = attention_reference(
+                q, _cat(k), _cat(v), key_padding_mask, causal, scale, return_lse=True
+            )
     return out.to(q.dtype).contiguous(), lse.to(_lse_dtype(q.dtype)).contiguous()
 
 
@@ -159,38 +197,67 @@ def _fake(q, k, v, key_padding_mask, causal, scale, backend):
     return q.new_empty(B, H, Lq, D), q.new_empty(B, H, Lq, dtype=_lse_dtype(q.dtype))
 
 
+@torch.library.custom_op("selfboottok::attention_backward", mutates_args=())
+def _attention_backward_op(
+    q: torch.Tensor,
+    k: list[torch.Tensor],
+    v: list[torch.Tensor],
+    key_padding_mask: Optional[torch.Tensor],
+    causal: bool,
+    scale: float,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dout: torch.Tensor,
+    delta: torch.Tensor,
+    backend: str,
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """-> (dq, dk chunks, dv chunks), given ``delta = rowsum(dout * out) - grad_lse``."""
+    with torch.no_grad():
+        if backend == "cuda":
+            dq, dk, dv = torch.ops.selfboottok.attention_bwd_kernel(
+                q, k, v, key_padding_mask, causal, scale, out, lse, dout, delta
+            )
+        elif backend == "triton":
+            from .triton.attention import attention_bwd
+
+            dq, dk, dv = attention_bwd(q, k, v, key_padding_mask, causal, scale, out, lse, dout, delta)
+        else:
+            dq, dk, dv = attention_backward_reference(
+                q, _cat(k), _cat(v), key_padding_mask, causal, scale, lse, dout, delta
+            )
+            sizes = [c.shape[2] for c in k]
+            dk, dv = dk.split(sizes, dim=2), dv.split(sizes, dim=2)
+    return dq.contiguous(), [t.contiguous() for t in dk], [t.contiguous() for t in dv]
+
+
+@_attention_backward_op.register_fake
+def _fake_backward(q, k, v, key_padding_mask, causal, scale, out, lse, dout, delta, backend):
+    return (
+        torch.empty_like(q, memory_format=torch.contiguous_format),
+        [torch.empty_like(c, memory_format=torch.contiguous_format) for c in k],
+        [torch.empty_like(c, memory_format=torch.contiguous_format) for c in v],
+    )
+
+
 def _setup_context(ctx, inputs, output):
-    q, k, v, key_padding_mask, causal, scale, _ = inputs
+    q, k, v, key_padding_mask, causal, scale, backend = inputs
     ctx.set_materialize_grads(False)
-    ctx.causal, ctx.scale = causal, scale
-    ctx.save_for_backward(q, k, v, key_padding_mask, *output)
+    ctx.causal, ctx.scale, ctx.backend, ctx.n_chunks = causal, scale, backend, len(k)
+    ctx.save_for_backward(q, key_padding_mask, *output, *k, *v)
 
 
 def _backward(ctx, g_out, g_lse):
-    """Flash-attention backward by explicit math from the saved out and lse."""
-    q, k, v, key_padding_mask, out, lse = ctx.saved_tensors
-    c = _lse_dtype(q.dtype)
-    qc, kc, vc = q.to(c), k.to(c), v.to(c)
-    B, _, Lq, _ = q.shape
-    s = (qc @ kc.transpose(-1, -2)) * ctx.scale
-    keep = torch.isfinite(lse)[..., None]
-    allowed = attention_allowed(key_padding_mask, ctx.causal, B, Lq, k.shape[2], q.device)
-    if allowed is not None:
-        keep = keep & allowed
-    p = torch.where(keep, torch.exp(s - torch.where(keep, lse[..., None], 0.0)), 0.0)
-    ds = torch.zeros_like(p)
-    dv = torch.zeros_like(vc)
-    if g_out is not None:
-        do = g_out.to(c)
-        dv = p.transpose(-1, -2) @ do
-        dp = do @ vc.transpose(-1, -2)
-        dsum = (do * out.to(c)).sum(-1, keepdim=True)
-        ds = p * (dp - dsum)
+    q, key_padding_mask, out, lse, *kv = ctx.saved_tensors
+    k, v = kv[: ctx.n_chunks], kv[ctx.n_chunks :]
+    dout = torch.zeros_like(out) if g_out is None else _lastdim_contiguous(g_out.to(q.dtype))
+    delta = (dout.to(lse.dtype) * out.to(lse.dtype)).sum(-1)
     if g_lse is not None:
-        ds = ds + p * g_lse.to(c)[..., None]
-    dq = (ds @ kc) * ctx.scale
-    dk = (ds.transpose(-1, -2) @ qc) * ctx.scale
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+        delta = delta - g_lse.to(lse.dtype)
+    dq, dk, dv = torch.ops.selfboottok.attention_backward(
+        q, k, v, key_padding_mask, ctx.causal, ctx.scale, out, lse, dout, delta.contiguous(),
+        ctx.backend,
+    )
+    return dq, dk, dv, None, None, None, None
 
 
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
