@@ -1,0 +1,432 @@
+"""Flash attention (forward and FlashAttention-2 backward) in Triton, keys in 1..4 chunks.
+
+Semantics match ``selfboottok.ops._torch_impl.attention_reference``. The keys are the
+concatenation of the chunks along the sequence; each chunk is read in place with its own strides,
+and the padding mask and the causal diagonal use the global key index. Softmax runs in the base-2
+domain (``log2(e)`` folded into the scale); ``lse`` is stored in natural log, ``-inf`` for a row
+with no allowed key (whose output and gradients are 0).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["attention_fwd", "attention_bwd", "MAX_CHUNKS"]
+
+MAX_CHUNKS = 4
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _dot(a, b, INTERPRET: tl.constexpr):
+    # fp32 inputs use IEEE fp32 (no TF32); the interpreter's half-precision dot is wrong, so
+    # there both operands go up to fp32 (after the same rounding the GPU path applies)
+    if INTERPRET or a.dtype == tl.float32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _cast(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
+    # the interpreter truncates fp32 -> bf16; round to nearest even by hand first, as the GPU does
+    if INTERPRET and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _key_ok(Mask_row, koff, n, Lc, HAS_MASK: tl.constexpr):
+    ok = n < Lc
+    if HAS_MASK:
+        ok = ok & (tl.load(Mask_row + koff + n, mask=ok, other=0) != 0)
+    return ok
+
+
+@triton.jit
+def _causal_hi(Lc, koff, start_m, Lq, Lk, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
+    # local end of the keys a query tile may see: the tiles above the diagonal are skipped
+    hi = Lc
+    if CAUSAL:
+        hi = tl.minimum(hi, tl.maximum(start_m + BLOCK_M + (Lk - Lq) - koff, 0))
+    return hi
+
+
+@triton.jit
+def _fwd_chunk(
+    acc, m_i, l_i, q, offs_m, start_m, Kb, Vb, sk, sv, Lc, koff, Mask_row, Lq, Lk, qk_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < HEAD_DIM
+    hi = _causal_hi(Lc, koff, start_m, Lq, Lk, BLOCK_M, CAUSAL)
+    for start_n in range(0, hi, BLOCK_N):
+        n = start_n + offs_n
+        nmask = n < Lc
+        kT = tl.load(Kb + n[None, :] * sk + offs_d[:, None], mask=nmask[None, :] & dmask[:, None], other=0.0)
+        s = _dot(q, kT, INTERPRET) * qk_scale
+        allowed = _key_ok(Mask_row, koff, n, Lc, HAS_MASK)[None, :]
+        if CAUSAL:
+            allowed = allowed & ((koff + n)[None, :] <= offs_m[:, None] + (Lk - Lq))
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # a row with no allowed key so far keeps m = -inf; shift it by 0 so exp2 gives 0, not NaN
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(Vb + n[:, None] * sv + offs_d[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
+        acc = acc * alpha[:, None] + _dot(_cast(p, v.dtype, INTERPRET), v, INTERPRET)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _attn_fwd(
+    Q, sqb, sqh, sqm,
+    K0, V0, sk0b, sk0h, sk0n, sv0b, sv0h, sv0n, L0,
+    K1, V1, sk1b, sk1h, sk1n, sv1b, sv1h, sv1n, L1,
+    K2, V2, sk2b, sk2h, sk2n, sv2b, sv2h, sv2n, L2,
+    K3, V3, sk3b, sk3h, sk3n, sv3b, sv3h, sv3n, L3,
+    Mask, Out, Lse, H, Lq, Lk, qk_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+    NUM_CHUNKS: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    # one program per (query tile, batch*head); the query tile varies fastest so programs
+    # running together share their keys in L2
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(Lq, BLOCK_M)
+    start_m = (pid % num_m) * BLOCK_M
+    bh = (pid // num_m).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mmask = offs_m < Lq
+    dmask = offs_d < HEAD_DIM
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :],
+                mask=mmask[:, None] & dmask[None, :], other=0.0)
+    Mask_row = Mask + b * Lk
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    meta = (BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, CAUSAL, HAS_MASK, INTERPRET)
+    acc, m_i, l_i = _fwd_chunk(acc, m_i, l_i, q, offs_m, start_m, K0 + b * sk0b + h * sk0h,
+                               V0 + b * sv0b + h * sv0h, sk0n, sv0n, L0, 0, Mask_row, Lq, Lk, qk_scale, *meta)
+    if NUM_CHUNKS > 1:
+        acc, m_i, l_i = _fwd_chunk(acc, m_i, l_i, q, offs_m, start_m, K1 + b * sk1b + h * sk1h,
+                                   V1 + b * sv1b + h * sv1h, sk1n, sv1n, L1, L0, Mask_row, Lq, Lk,
+                                   qk_scale, *meta)
+    if NUM_CHUNKS > 2:
+        acc, m_i, l_i = _fwd_chunk(acc, m_i, l_i, q, offs_m, start_m, K2 + b * sk2b + h * sk2h,
+                                   V2 + b * sv2b + h * sv2h, sk2n, sv2n, L2, L0 + L1, Mask_row, Lq, Lk,
+                                   qk_scale, *meta)
+    if NUM_CHUNKS > 3:
+        acc, m_i, l_i = _fwd_chunk(acc, m_i, l_i, q, offs_m, start_m, K3 + b * sk3b + h * sk3h,
+                                   V3 + b * sv3b + h * sv3h, sk3n, sv3n, L3, L0 + L1 + L2, Mask_row, Lq,
+                                   Lk, qk_scale, *meta)
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * LN2)
+    tl.store(Out + bh * Lq * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
+             _cast(out, Out.dtype.element_ty, INTERPRET), mask=mmask[:, None] & dmask[None, :])
+    tl.store(Lse + bh * Lq + offs_m, lse, mask=mmask)
+
+
+@triton.jit
+def _bwd_kv_tile(
+    Qb, sqm, DOb, sdom, Lse_bh, Delta_bh, Kb, Vb, sk, sv, DKb, DVb, Lc, koff, start_n, Mask_row,
+    Lq, Lk, qk_scale, scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    # dK, dV of one key tile of one chunk, looping over the query tiles that can see it
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < HEAD_DIM
+    nmask = offs_n < Lc
+    kv_mask = nmask[:, None] & dmask[None, :]
+    k = tl.load(Kb + offs_n[:, None] * sk + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(Vb + offs_n[:, None] * sv + offs_d[None, :], mask=kv_mask, other=0.0)
+    key_ok = _key_ok(Mask_row, koff, offs_n, Lc, HAS_MASK)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    lo = 0
+    if CAUSAL:
+        # first query that sees the tile's first key, rounded down to a tile
+        lo = tl.maximum(koff + start_n - (Lk - Lq), 0) // BLOCK_M * BLOCK_M
+    for start_m in range(lo, Lq, BLOCK_M):
+        m = start_m + offs_m
+        mmask = m < Lq
+        qT = tl.load(Qb + m[None, :] * sqm + offs_d[:, None], mask=mmask[None, :] & dmask[:, None], other=0.0)
+        do = tl.load(DOb + m[:, None] * sdom + offs_d[None, :], mask=mmask[:, None] & dmask[None, :], other=0.0)
+        lse = tl.load(Lse_bh + m, mask=mmask, other=float("-inf"))
+        delta = tl.load(Delta_bh + m, mask=mmask, other=0.0)
+        row_ok = lse != float("-inf")
+        lse2 = tl.where(row_ok, lse * LOG2E, 0.0)
+        sT = _dot(k, qT, INTERPRET) * qk_scale
+        allowed = key_ok[:, None] & row_ok[None, :]
+        if CAUSAL:
+            allowed = allowed & ((koff + offs_n)[:, None] <= m[None, :] + (Lk - Lq))
+        pT = tl.where(allowed, tl.exp2(tl.where(allowed, sT, 0.0) - lse2[None, :]), 0.0)
+        dv += _dot(_cast(pT, do.dtype, INTERPRET), do, INTERPRET)
+        dpT = _dot(v, tl.trans(do), INTERPRET)
+        dsT = pT * (dpT - delta[None, :])
+        dk += _dot(_cast(dsT, qT.dtype, INTERPRET), tl.trans(qT), INTERPRET)
+    dk = dk * scale
+    out_offs = offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(DKb + out_offs, _cast(dk, DKb.dtype.element_ty, INTERPRET), mask=kv_mask)
+    tl.store(DVb + out_offs, _cast(dv, DVb.dtype.element_ty, INTERPRET), mask=kv_mask)
+
+
+@triton.jit
+def _attn_bwd_kv(
+    Q, sqb, sqh, sqm, DO, sdob, sdoh, sdom, Lse, Delta,
+    K0, V0, DK0, DV0, sk0b, sk0h, sk0n, sv0b, sv0h, sv0n, L0,
+    K1, V1, DK1, DV1, sk1b, sk1h, sk1n, sv1b, sv1h, sv1n, L1,
+    K2, V2, DK2, DV2, sk2b, sk2h, sk2n, sv2b, sv2h, sv2n, L2,
+    K3, V3, DK3, DV3, sk3b, sk3h, sk3n, sv3b, sv3h, sv3n, L3,
+    Mask, H, Lq, Lk, qk_scale, scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+    NUM_CHUNKS: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    # one program per (key tile of some chunk, batch*head); chunk c owns tiles [T_c, T_{c+1})
+    T1 = tl.cdiv(L0, BLOCK_N)
+    T2 = T1 + tl.cdiv(L1, BLOCK_N)
+    T3 = T2 + tl.cdiv(L2, BLOCK_N)
+    T4 = T3 + tl.cdiv(L3, BLOCK_N)
+    pid = tl.program_id(0)
+    t = pid % T4
+    bh = (pid // T4).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    Qb = Q + b * sqb + h * sqh
+    DOb = DO + b * sdob + h * sdoh
+    Lse_bh = Lse + bh * Lq
+    Delta_bh = Delta + bh * Lq
+    Mask_row = Mask + b * Lk
+    meta = (BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, CAUSAL, HAS_MASK, INTERPRET)
+    if t < T1:
+        _bwd_kv_tile(Qb, sqm, DOb, sdom, Lse_bh, Delta_bh, K0 + b * sk0b + h * sk0h, V0 + b * sv0b + h * sv0h,
+                     sk0n, sv0n, DK0 + bh * L0 * HEAD_DIM, DV0 + bh * L0 * HEAD_DIM, L0, 0,
+                     t * BLOCK_N, Mask_row, Lq, Lk, qk_scale, scale, *meta)
+    if NUM_CHUNKS > 1:
+        if (t >= T1) & (t < T2):
+            _bwd_kv_tile(Qb, sqm, DOb, sdom, Lse_bh, Delta_bh, K1 + b * sk1b + h * sk1h,
+                         V1 + b * sv1b + h * sv1h, sk1n, sv1n, DK1 + bh * L1 * HEAD_DIM,
+                         DV1 + bh * L1 * HEAD_DIM, L1, L0, (t - T1) * BLOCK_N, Mask_row, Lq, Lk,
+                         qk_scale, scale, *meta)
+    if NUM_CHUNKS > 2:
+        if (t >= T2) & (t < T3):
+            _bwd_kv_tile(Qb, sqm, DOb, sdom, Lse_bh, Delta_bh, K2 + b * sk2b + h * sk2h,
+                         V2 + b * sv2b + h * sv2h, sk2n, sv2n, DK2 + bh * L2 * HEAD_DIM,
+                         DV2 + bh * L2 * HEAD_DIM, L2, L0 + L1, (t - T2) * BLOCK_N, Mask_row, Lq, Lk,
+                         qk_scale, scale, *meta)
+    if NUM_CHUNKS > 3:
+        if t >= T3:
+            _bwd_kv_tile(Qb, sqm, DOb, sdom, Lse_bh, Delta_bh, K3 + b * sk3b + h * sk3h,
+                         V3 + b * sv3b + h * sv3h, sk3n, sv3n, DK3 + bh * L3 * HEAD_DIM,
+                         DV3 + bh * L3 * HEAD_DIM, L3, L0 + L1 + L2, (t - T3) * BLOCK_N, Mask_row, Lq,
+                         Lk, qk_scale, scale, *meta)
+
+
+@triton.jit
+def _bwd_q_chunk(
+    dq, q, do, lse2, delta, row_ok, offs_m, start_m, Kb, Vb, sk, sv, Lc, koff, Mask_row, Lq, Lk, qk_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < HEAD_DIM
+    hi = _causal_hi(Lc, koff, start_m, Lq, Lk, BLOCK_M, CAUSAL)
+    for start_n in range(0, hi, BLOCK_N):
+        n = start_n + offs_n
+        nmask = n < Lc
+        k = tl.load(Kb + n[:, None] * sk + offs_d[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
+        vT = tl.load(Vb + n[None, :] * sv + offs_d[:, None], mask=nmask[None, :] & dmask[:, None], other=0.0)
+        s = _dot(q, tl.trans(k), INTERPRET) * qk_scale
+        allowed = _key_ok(Mask_row, koff, n, Lc, HAS_MASK)[None, :] & row_ok[:, None]
+        if CAUSAL:
+            allowed = allowed & ((koff + n)[None, :] <= offs_m[:, None] + (Lk - Lq))
+        p = tl.where(allowed, tl.exp2(tl.where(allowed, s, 0.0) - lse2[:, None]), 0.0)
+        dp = _dot(do, vT, INTERPRET)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(_cast(ds, k.dtype, INTERPRET), k, INTERPRET)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_q(
+    Q, sqb, sqh, sqm, DO, sdob, sdoh, sdom, Lse, Delta, DQ,
+    K0, V0, sk0b, sk0h, sk0n, sv0b, sv0h, sv0n, L0,
+    K1, V1, sk1b, sk1h, sk1n, sv1b, sv1h, sv1n, L1,
+    K2, V2, sk2b, sk2h, sk2n, sv2b, sv2h, sv2n, L2,
+    K3, V3, sk3b, sk3h, sk3n, sv3b, sv3h, sv3n, L3,
+    Mask, H, Lq, Lk, qk_scale, scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+    NUM_CHUNKS: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(Lq, BLOCK_M)
+    start_m = (pid % num_m) * BLOCK_M
+    bh = (pid // num_m).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mmask = offs_m < Lq
+    md_mask = mmask[:, None] & (offs_d < HEAD_DIM)[None, :]
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :], mask=md_mask, other=0.0)
+    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :], mask=md_mask, other=0.0)
+    lse = tl.load(Lse + bh * Lq + offs_m, mask=mmask, other=float("-inf"))
+    delta = tl.load(Delta + bh * Lq + offs_m, mask=mmask, other=0.0)
+    row_ok = lse != float("-inf")
+    lse2 = tl.where(row_ok, lse * LOG2E, 0.0)
+    Mask_row = Mask + b * Lk
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    rows = (dq, q, do, lse2, delta, row_ok, offs_m, start_m)
+    meta = (BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, CAUSAL, HAS_MASK, INTERPRET)
+    dq = _bwd_q_chunk(*rows, K0 + b * sk0b + h * sk0h, V0 + b * sv0b + h * sv0h, sk0n, sv0n, L0, 0,
+                      Mask_row, Lq, Lk, qk_scale, *meta)
+    if NUM_CHUNKS > 1:
+        rows = (dq, q, do, lse2, delta, row_ok, offs_m, start_m)
+        dq = _bwd_q_chunk(*rows, K1 + b * sk1b + h * sk1h, V1 + b * sv1b + h * sv1h, sk1n, sv1n, L1, L0,
+                          Mask_row, Lq, Lk, qk_scale, *meta)
+    if NUM_CHUNKS > 2:
+        rows = (dq, q, do, lse2, delta, row_ok, offs_m, start_m)
+        dq = _bwd_q_chunk(*rows, K2 + b * sk2b + h * sk2h, V2 + b * sv2b + h * sv2h, sk2n, sv2n, L2,
+                          L0 + L1, Mask_row, Lq, Lk, qk_scale, *meta)
+    if NUM_CHUNKS > 3:
+        rows = (dq, q, do, lse2, delta, row_ok, offs_m, start_m)
+        dq = _bwd_q_chunk(*rows, K3 + b * sk3b + h * sk3h, V3 + b * sv3b + h * sv3h, sk3n, sv3n, L3,
+                          L0 + L1 + L2, Mask_row, Lq, Lk, qk_scale, *meta)
+    dq = dq * scale
+    tl.store(DQ + bh * Lq * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
+             _cast(dq, DQ.dtype.element_ty, INTERPRET), mask=md_mask)
+
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _blocks(kernel: str, D: int, dtype: torch.dtype):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for kernel "fwd", "kv" or "q"."""
+    # The interpreter costs ~2 ms per program plus per loop step, and 16 still leaves several
+    # tiles (and ragged ends) in small tests. On the GPU: FlashAttention-2-like tiles, the
+    # iterated side of the backward smaller; halved for D = 128 and for fp32, whose IEEE dots
+    # run on CUDA cores with twice the registers per element. Not tuned on hardware.
+    if _interpreted():
+        return 16, 16, 1, 1
+    big = D > 64
+    if dtype == torch.float32:
+        return 32, 32, 4, 2
+    if kernel == "fwd":
+        return (128, 64, 8, 3) if big else (128, 64, 4, 3)
+    if kernel == "kv":
+        return (32, 64, 8, 2) if big else (64, 64, 4, 2)
+    return (64, 32, 8, 2) if big else (64, 64, 4, 2)
+
+
+def _check(q, ks, vs, key_padding_mask, *more):
+    assert q.dim() == 4 and q.dtype in _DTYPES, (q.shape, q.dtype)
+    B, H, Lq, D = q.shape
+    assert D % 8 == 0 and 8 <= D <= 128 and min(B, H, Lq) >= 1, q.shape
+    assert 1 <= len(ks) == len(vs) <= MAX_CHUNKS, (len(ks), len(vs))
+    assert q.is_cuda or (_interpreted() and q.device.type == "cpu"), (
+        f"Triton attention needs CUDA tensors (CPU only with TRITON_INTERPRET=1); got {q.device}")
+    for k, v in zip(ks, vs):
+        assert k.shape == v.shape and k.shape[:2] == (B, H) and k.shape[3] == D, (k.shape, v.shape)
+    for t in (q, *ks, *vs, *more):
+        assert t.dtype == q.dtype and t.device == q.device and t.stride(-1) == 1
+    Lk = sum(k.shape[2] for k in ks)
+    assert Lk >= 1
+    if key_padding_mask is not None:
+        m = key_padding_mask
+        assert m.dtype == torch.bool and m.shape == (B, Lk) and m.is_contiguous(), m.shape
+        assert m.device == q.device
+    return B, H, Lq, D, Lk
+
+
+def _chunk_args(ks, vs, dks=None, dvs=None):
+    """(number of non-empty chunks, kernel arguments of MAX_CHUNKS slots). Empty chunks are
+    dropped; unused slots repeat the first chunk with length 0 and are compiled out."""
+    live = [i for i, k in enumerate(ks) if k.shape[2] > 0]
+    args = []
+    for c in range(MAX_CHUNKS):
+        i = live[c] if c < len(live) else live[0]
+        k, v = ks[i], vs[i]
+        args += [k, v]
+        if dks is not None:
+            args += [dks[i], dvs[i]]
+        args += [k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2)]
+        args.append(k.shape[2] if c < len(live) else 0)
+    return len(live), [ks[i].shape[2] for i in live], args
+
+
+def attention_fwd(q, ks, vs, key_padding_mask, causal: bool, scale: float):
+    """Returns ``(out [B,H,Lq,D] in q's dtype, lse float32 [B,H,Lq])``; see the module doc."""
+    B, H, Lq, D, Lk = _check(q, ks, vs, key_padding_mask)
+    out = torch.empty(B, H, Lq, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
+    n, _, chunk_args = _chunk_args(ks, vs)
+    has_mask = key_padding_mask is not None
+    mask = key_padding_mask.view(torch.uint8) if has_mask else q
+    BLOCK_M, BLOCK_N, warps, stages = _blocks("fwd", D, q.dtype)
+    grid = (triton.cdiv(Lq, BLOCK_M) * B * H,)
+    _attn_fwd[grid](
+        q, q.stride(0), q.stride(1), q.stride(2), *chunk_args,
+        mask, out, lse, H, Lq, Lk, float(scale) * LOG2E,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(D)), HEAD_DIM=D,
+        NUM_CHUNKS=n, CAUSAL=bool(causal), HAS_MASK=has_mask,
+        INTERPRET=_interpreted(),
+        num_warps=warps, num_stages=stages,
+    )
+    return out, lse
+
+
+def attention_bwd(q, ks, vs, key_padding_mask, causal, scale, out, lse, dout, delta):
+    """Returns ``(dq, dks, dvs)``, contiguous, in q's dtype; ``delta = rowsum(dout*out) - g_lse``
+    comes from the caller. ``out`` is not read (``delta`` already holds what it contributes)."""
+    B, H, Lq, D, Lk = _check(q, ks, vs, key_padding_mask, dout)
+    assert out.shape == dout.shape == q.shape
+    for t in (lse, delta):
+        assert t.shape == (B, H, Lq) and t.dtype == torch.float32 and t.is_contiguous()
+    dq = torch.empty(B, H, Lq, D, dtype=q.dtype, device=q.device)
+    dks = [torch.empty(k.shape, dtype=q.dtype, device=q.device) for k in ks]
+    dvs = [torch.empty(v.shape, dtype=q.dtype, device=q.device) for v in vs]
+    n, lengths, kv_args = _chunk_args(ks, vs, dks, dvs)
+    _, _, q_args = _chunk_args(ks, vs)
+    has_mask = key_padding_mask is not None
+    mask = key_padding_mask.view(torch.uint8) if has_mask else q
+    common = dict(
+        BLOCK_D=max(16, triton.next_power_of_2(D)), HEAD_DIM=D, NUM_CHUNKS=n, CAUSAL=bool(causal),
+        HAS_MASK=has_mask, INTERPRET=_interpreted(),
+    )
+    scales = (float(scale) * LOG2E, float(scale))
+    qd = (q, q.stride(0), q.stride(1), q.stride(2), dout, dout.stride(0), dout.stride(1), dout.stride(2))
+
+    BLOCK_M, BLOCK_N, warps, stages = _blocks("kv", D, q.dtype)
+    tiles = sum(triton.cdiv(L, BLOCK_N) for L in lengths)
+    _attn_bwd_kv[(tiles * B * H,)](
+        *qd, lse, delta, *kv_args, mask, H, Lq, Lk, *scales,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=warps, num_stages=stages, **common,
+    )
+    BLOCK_M, BLOCK_N, warps, stages = _blocks("q", D, q.dtype)
+    _attn_bwd_q[(triton.cdiv(Lq, BLOCK_M) * B * H,)](
+        *qd, lse, delta, dq, *q_args, mask, H, Lq, Lk, *scales,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=warps, num_stages=stages, **common,
+    )
+    return dq, dks, dvs
