@@ -1,0 +1,238 @@
+"""SelfBootTokConfig: every model and training setting, named presets, YAML/JSON files, overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["ViTConfig", "TrainConfig", "SelfBootTokConfig"]
+
+
+@dataclass
+class ViTConfig:
+    width: int = 128
+    depth: int = 2
+    heads: int = 4
+    mlp_ratio: float = 4.0
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    betas: tuple = (0.9, 0.99)
+    warmup_steps: int = 50
+    stage1_steps: int = 1000
+    stage2_steps: int = 1000
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    ema_decay: float = 0.999
+    log_every: int = 25
+    sample_every: int = 250
+    ckpt_every: int = 250
+    num_workers: int = 0
+
+
+@dataclass
+class SelfBootTokConfig:
+    """The method's settings (see DESIGN.md section 1). `generator_tokens="global"` is
+    SelfBootTok; `"all"` is the TiTok-style baseline whose generator models K_g + K_l quantized
+    tokens (no 2D local tokens, no bootstrap decoder)."""
+
+    image_size: int = 32
+    patch_size: int = 4
+    channels: int = 3
+    num_classes: int = 10
+    num_global: int = 16  # K_g
+    num_local: int = 8  # K_l, 1D local tokens
+    global_dim: int = 8  # c_g, code dim (for FSQ: len(fsq_levels))
+    codebook_size: int = 256  # V (for FSQ: prod(fsq_levels))
+    quantizer: str = "vq"  # "vq" | "fsq"
+    fsq_levels: tuple = (8, 8, 4)
+    commitment: float = 0.25
+    dead_code_steps: int = 100  # training forwards without a hit before a code is restarted
+    local_dim: int = 16  # c_l
+    local_2d_dim: int = 4  # c_2, per patch
+    alignment: str = "ot"  # "ot" | "avgpool" | "softmax"
+    ot_eps: float = 0.05
+    ot_iters: int = 50
+    softmax_tau: float = 0.1
+    generator_tokens: str = "global"  # "global" (SelfBootTok) | "all" (baseline)
+    generators: tuple = ("maskgit", "ar")
+    ema_teacher: float = 0.0  # 0: stop-gradient targets; else EMA decay of a teacher encoder
+    class_dropout: float = 0.1  # for classifier-free guidance
+    w_rec: float = 1.0
+    w_rec_boot: float = 1.0
+    w_boot: float = 1.0
+    w_quant: float = 1.0
+    w_align: float = 0.1
+    seed: int = 0
+    encoder: ViTConfig = field(default_factory=ViTConfig)
+    decoder: ViTConfig = field(default_factory=ViTConfig)
+    bootstrap: ViTConfig = field(default_factory=ViTConfig)
+    generator: ViTConfig = field(default_factory=lambda: ViTConfig(128, 4, 4))
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        for name in ("encoder", "decoder", "bootstrap", "generator", "train"):
+            sub = getattr(self, name)
+            if isinstance(sub, dict):
+                cls = TrainConfig if name == "train" else ViTConfig
+                setattr(self, name, _build(cls, sub, name))
+        self.fsq_levels = tuple(self.fsq_levels)
+        self.generators = tuple(self.generators)
+        self.train.betas = tuple(self.train.betas)
+        self.validate()
+
+    # derived sizes
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid**2
+
+    @property
+    def vocab_size(self) -> int:
+        if self.quantizer == "fsq":
+            n = 1
+            for level in self.fsq_levels:
+                n *= level
+            return n
+        return self.codebook_size
+
+    @property
+    def code_dim(self) -> int:
+        return len(self.fsq_levels) if self.quantizer == "fsq" else self.global_dim
+
+    @property
+    def num_quantized(self) -> int:
+        """Tokens the tokenizer quantizes, and the generator's sequence length."""
+        return self.num_global + (self.num_local if self.generator_tokens == "all" else 0)
+
+    def validate(self):
+        def need(ok, what):
+            if not ok:
+                raise ValueError(f"SelfBootTokConfig: {what}")
+
+        need(self.image_size > 0 and self.patch_size > 0 and self.image_size % self.patch_size == 0,
+             f"image_size ({self.image_size}) must be a positive multiple of patch_size ({self.patch_size})")
+        need(self.quantizer in ("vq", "fsq"), f"quantizer must be 'vq' or 'fsq', got {self.quantizer!r}")
+        need(self.alignment in ("ot", "avgpool", "softmax"),
+             f"alignment must be 'ot', 'avgpool' or 'softmax', got {self.alignment!r}")
+        need(self.generator_tokens in ("global", "all"),
+             f"generator_tokens must be 'global' or 'all', got {self.generator_tokens!r}")
+        need(len(self.generators) > 0 and all(g in ("maskgit", "ar") for g in self.generators),
+             f"generators must be a non-empty subset of ('maskgit', 'ar'), got {self.generators}")
+        for name in ("num_classes", "num_global", "num_local", "global_dim", "codebook_size",
+                     "local_dim", "local_2d_dim", "ot_iters"):
+            need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        need(self.ot_eps > 0, f"ot_eps must be > 0, got {self.ot_eps}")
+        need(all(level >= 2 for level in self.fsq_levels), f"fsq_levels must be >= 2, got {self.fsq_levels}")
+        need(0 <= self.ema_teacher < 1, f"ema_teacher must be in [0, 1), got {self.ema_teacher}")
+        for name in ("encoder", "decoder", "bootstrap", "generator"):
+            vit = getattr(self, name)
+            need(vit.width % vit.heads == 0, f"{name}.width ({vit.width}) must be divisible by {name}.heads ({vit.heads})")
+            head_dim = vit.width // vit.heads
+            need(head_dim % 8 == 0 and head_dim <= 128,
+                 f"{name} head dim (width/heads = {head_dim}) must be a multiple of 8 and <= 128")
+            need(vit.width % 4 == 0 and vit.depth >= 1, f"{name} needs width % 4 == 0 and depth >= 1")
+
+    # presets, files, overrides
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "SelfBootTokConfig":
+        """A named preset (`tiny`, `small`, `b64`) with overrides; nested fields by dotted name,
+        e.g. ``preset("tiny", **{"encoder.depth": 4, "train.lr": 3e-4})``."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}")
+        return cls.from_dict(_merge(cls.from_dict(PRESETS[name]).to_dict(), overrides))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SelfBootTokConfig":
+        """Fields missing from `d` keep their defaults."""
+        return _build(cls, _merge(cls().to_dict(), d), "config")
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def with_overrides(self, **overrides) -> "SelfBootTokConfig":
+        return self.from_dict(_merge(self.to_dict(), overrides))
+
+    def save(self, path) -> None:
+        path = Path(path)
+        text = (yaml.safe_dump(self.to_dict(), sort_keys=False) if path.suffix in (".yaml", ".yml")
+                else json.dumps(self.to_dict(), indent=2))
+        path.write_text(text)
+
+    @classmethod
+    def load(cls, path, **overrides) -> "SelfBootTokConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        data = yaml.safe_load(path.read_text())  # YAML is a superset of JSON
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path} must hold a mapping, got {type(data).__name__}")
+        if "preset" in data:
+            base = data.pop("preset")
+            return cls.preset(base, **_merge(data, overrides))
+        return cls.from_dict(_merge(cls().to_dict(), _merge(data, overrides)))
+
+
+def _build(cls, d: dict, where: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {unknown}; known: {sorted(names)}")
+    return cls(**d)
+
+
+def _merge(base: dict, overrides: dict) -> dict:
+    """`base` updated by `overrides`, whose keys may be dotted ("encoder.depth") or nested dicts."""
+    out = json.loads(json.dumps(base, default=_plain))
+    for key, value in overrides.items():
+        if dataclasses.is_dataclass(value):
+            value = dataclasses.asdict(value)
+        parts = key.split(".")
+        node = out
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise ValueError(f"override {key!r}: {part!r} is not a group of settings")
+            node = node[part]
+        last = parts[-1]
+        if isinstance(value, dict) and isinstance(node.get(last), dict):
+            node[last] = _merge(node[last], value)
+        else:
+            node[last] = value
+    return out
+
+
+def _plain(x: Any):
+    if dataclasses.is_dataclass(x):
+        return dataclasses.asdict(x)
+    raise TypeError(f"cannot serialise {type(x).__name__}")
+
+
+PRESETS: dict[str, dict] = {
+    # 32x32, trains on a 2-core CPU in minutes
+    "tiny": {},
+    # 256x256 with 64 global tokens; ViT-B encoder and decoder (TiTok-B-64's backbone)
+    "b64": {
+        "image_size": 256, "patch_size": 16, "num_classes": 1000,
+        "num_global": 64, "num_local": 48, "global_dim": 12, "codebook_size": 4096,
+        "local_dim": 16, "local_2d_dim": 8,
+        "encoder": {"width": 768, "depth": 12, "heads": 12},
+        "decoder": {"width": 768, "depth": 12, "heads": 12},
+        "bootstrap": {"width": 768, "depth": 8, "heads": 12},
+        "generator": {"width": 768, "depth": 24, "heads": 16},
+        "generators": ["maskgit"],
+        "train": {"batch_size": 256, "lr": 1e-4, "warmup_steps": 10000, "stage1_steps": 1000000,
+                  "stage2_steps": 500000, "log_every": 100, "sample_every": 5000, "ckpt_every": 5000},
+    },
+}

@@ -1,0 +1,112 @@
+"""Building blocks shared by every model: transformer blocks over `selfboottok.ops.attention`,
+patch embedding, learned 1D queries and 2D positional embeddings."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from selfboottok.ops import MultiheadAttention
+
+__all__ = ["MultiheadAttention", "Block", "Transformer", "PatchEmbed", "LearnedQueries",
+           "sincos_2d", "unpatchify", "init_weights"]
+
+
+class Mlp(nn.Sequential):
+    def __init__(self, dim, ratio=4.0):
+        hidden = int(dim * ratio)
+        super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: self-attention, optional cross-attention to a context (a
+    tensor or a list of chunks, read without concatenation), MLP."""
+
+    def __init__(self, dim, heads, mlp_ratio=4.0, cross=False):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = MultiheadAttention(dim, heads)
+        self.cross = None
+        if cross:
+            self.norm_x = nn.LayerNorm(dim)
+            self.norm_ctx = nn.LayerNorm(dim)
+            self.cross = MultiheadAttention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, mlp_ratio)
+
+    def forward(self, x, context=None, causal=False, key_padding_mask=None):
+        h = self.norm1(x)
+        x = x + self.attn(h, causal=causal, key_padding_mask=key_padding_mask)
+        if self.cross is not None:
+            chunks = context if isinstance(context, (list, tuple)) else [context]
+            x = x + self.cross(self.norm_x(x), [self.norm_ctx(c) for c in chunks])
+        return x + self.mlp(self.norm2(x))
+
+
+class Transformer(nn.Module):
+    """`depth` blocks and a final norm."""
+
+    def __init__(self, dim, depth, heads, mlp_ratio=4.0, cross=False):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, cross) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x, context=None, causal=False):
+        for block in self.blocks:
+            x = block(x, context, causal)
+        return self.norm(x)
+
+
+class PatchEmbed(nn.Module):
+    """[B,3,H,W] -> [B, (H/p)(W/p), dim], row-major over the patch grid."""
+
+    def __init__(self, patch, dim, channels=3):
+        super().__init__()
+        self.patch = patch
+        self.proj = nn.Conv2d(channels, dim, patch, stride=patch)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+def unpatchify(x, patch, grid, channels=3):
+    """[B, N, p*p*C] patch pixels (row-major grid) -> [B, C, H, W]."""
+    B = x.shape[0]
+    x = x.view(B, grid, grid, patch, patch, channels)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(B, channels, grid * patch, grid * patch)
+
+
+class LearnedQueries(nn.Module):
+    """`n` learned query tokens, broadcast over the batch."""
+
+    def __init__(self, n, dim):
+        super().__init__()
+        self.tokens = nn.Parameter(torch.randn(n, dim) * dim**-0.5)
+
+    def forward(self, batch):
+        return self.tokens.expand(batch, -1, -1)
+
+
+def sincos_2d(grid, dim):
+    """Fixed 2D sin-cos positional embedding [grid*grid, dim] (dim divisible by 4)."""
+    if dim % 4:
+        raise ValueError(f"dim must be divisible by 4 for 2D sin-cos embeddings, got {dim}")
+    pos = torch.arange(grid, dtype=torch.float64)
+    freq = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    ang = pos[:, None] * freq[None]  # [grid, dim/4]
+    emb1 = torch.cat([ang.sin(), ang.cos()], 1)  # [grid, dim/2]
+    yy = emb1[:, None, :].expand(grid, grid, -1)
+    xx = emb1[None, :, :].expand(grid, grid, -1)
+    return torch.cat([yy, xx], -1).reshape(grid * grid, dim).float()
+
+
+def init_weights(module):
+    """Truncated-normal linear/embedding weights, zero biases, unit norms (ViT practice)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
