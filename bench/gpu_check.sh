@@ -15,3 +15,6 @@ python -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&
 python -m selfboottok.ops | tee "$OUT/backends.txt"
 python -m pytest -q -x tests/test_sinkhorn_gpu.py tests/test_sinkhorn_triton.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
 python bench/sinkhorn.py --device cuda --out "$OUT" 2>&1 | tail -20
+attn_tests=$(ls tests/test_attention_cuda.py tests/test_attention_triton.py tests/test_attention.py 2>/dev/null)
+[ -n "$attn_tests" ] && timeout 240 python -m pytest -q $attn_tests 2>&1 | tee "$OUT/attention_tests.log" | tail -15
+timeout 180 python bench/attention.py --device cuda --out "$OUT" > "$OUT/attention_bench.log" 2>&1; tail -30 "$OUT/attention_bench.log"

@@ -15,46 +15,19 @@ achieved marginal error of every method (the worse of the row and column L1 erro
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import re
-import statistics
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from selfboottok.ops import backend_status, sinkhorn
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, machine_name, timed, write_results  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from selfboottok.ops import backend_status, sinkhorn  # noqa: E402
+
 BASELINE = "POT solve_batch"
-
-
-def machine_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads"
-
-
-def timed(fn, repeats, sync):
-    fn()  # warm-up (and JIT/autotune)
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out
 
 
 def marginal_error(plan, a, b):
@@ -144,12 +117,9 @@ def main():
                      f"{r['speedup']:.1f}x | {r['max_marginal_error']:.2e} |")
     table = "\n".join(lines)
     print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    slug = re.sub(r"[^a-z0-9]+", "-", machine.lower()).strip("-")[:60]
     meta = dict(machine=machine, device=device, torch=torch.__version__, pot=pot_version,
                 B=args.B, N=args.N, M=args.M, iters=args.iters, target=args.target, repeats=args.repeats)
-    (args.out / f"sinkhorn-{slug}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
-    (args.out / f"sinkhorn-{slug}.md").write_text(table + "\n")
+    write_results(args.out, "sinkhorn", machine, dict(meta=meta, rows=rows), table)
 
 
 if __name__ == "__main__":
