@@ -21,7 +21,8 @@ class QuantizerOutput(NamedTuple):
 
 
 def _stats(ids, vocab):
-    counts = torch.bincount(ids.flatten(), minlength=vocab).float()
+    flat = ids.flatten()
+    counts = torch.zeros(vocab, device=ids.device).scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.float))
     p = counts / counts.sum().clamp_min(1)
     entropy = -(p * torch.log(p.clamp_min(1e-12))).sum()
     return torch.exp(entropy), (counts > 0).float().mean(), counts
@@ -49,7 +50,8 @@ class VectorQuantizer(nn.Module):
         e = book[ids]
         loss = self.commitment * (z - e.detach()).pow(2).mean() + (z.detach() - e).pow(2).mean()
         perplexity, usage, counts = _stats(ids, self.vocab)
-        if self.training and self.dead_steps > 0:
+        # only in training steps (not in no_grad inference), never on the meta device
+        if self.training and torch.is_grad_enabled() and self.dead_steps > 0 and z.device.type != "meta":
             self._restart_dead(z.detach(), counts)
         codes = z + (e - z).detach()
         return QuantizerOutput(codes, ids, loss, perplexity, usage)

@@ -295,3 +295,22 @@ class MultiheadAttention(nn.Module):
     def _heads(self, t):
         B, L, _ = t.shape
         return t.view(B, L, self.num_heads, -1).transpose(1, 2)
+
+
+def _register_flops():
+    """FLOP formulas so torch.utils.flop_counter counts the op: 4·B·H·Lq·Lk·D forward (two
+    matmuls) and 2.5x that backward (five), masks and causality not subtracted (as for SDPA)."""
+    from torch.utils.flop_counter import register_flop_formula
+
+    def forward_flops(q, k, *args, **kwargs):
+        B, H, Lq, D = q
+        return 4 * B * H * Lq * sum(c[2] for c in k) * D
+
+    def backward_flops(q, k, *args, **kwargs):
+        return forward_flops(q, k) * 5 // 2
+
+    register_flop_formula(torch.ops.selfboottok.attention)(forward_flops)
+    register_flop_formula(torch.ops.selfboottok.attention_backward)(backward_flops)
+
+
+_register_flops()

@@ -18,8 +18,8 @@ import triton.language as tl
 __all__ = ["attention_fwd", "attention_bwd", "MAX_CHUNKS"]
 
 MAX_CHUNKS = 4
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -120,24 +120,23 @@ def _attn_fwd(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    meta = (BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, CAUSAL, HAS_MASK, INTERPRET)
     acc, m_i, l_i = _fwd_chunk(acc, m_i, l_i, q, offs_m, start_m, K0 + b * sk0b + h * sk0h,
-                               V0 + b * sv0b + h * sv0h, sk0n, sv0n, L0, 0, Mask_row, Lq, Lk, qk_scale, *meta)
+                               V0 + b * sv0b + h * sv0h, sk0n, sv0n, L0, 0, Mask_row, Lq, Lk, qk_scale, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, CAUSAL, HAS_MASK, INTERPRET)
     if NUM_CHUNKS > 1:
         acc, m_i, l_i = _fwd_chunk(acc, m_i, l_i, q, offs_m, start_m, K1 + b * sk1b + h * sk1h,
                                    V1 + b * sv1b + h * sv1h, sk1n, sv1n, L1, L0, Mask_row, Lq, Lk,
-                                   qk_scale, *meta)
+                                   qk_scale, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, CAUSAL, HAS_MASK, INTERPRET)
     if NUM_CHUNKS > 2:
         acc, m_i, l_i = _fwd_chunk(acc, m_i, l_i, q, offs_m, start_m, K2 + b * sk2b + h * sk2h,
                                    V2 + b * sv2b + h * sv2h, sk2n, sv2n, L2, L0 + L1, Mask_row, Lq, Lk,
-                                   qk_scale, *meta)
+                                   qk_scale, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, CAUSAL, HAS_MASK, INTERPRET)
     if NUM_CHUNKS > 3:
         acc, m_i, l_i = _fwd_chunk(acc, m_i, l_i, q, offs_m, start_m, K3 + b * sk3b + h * sk3h,
                                    V3 + b * sv3b + h * sv3h, sk3n, sv3n, L3, L0 + L1 + L2, Mask_row, Lq,
-                                   Lk, qk_scale, *meta)
+                                   Lk, qk_scale, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, CAUSAL, HAS_MASK, INTERPRET)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * LN2)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * _LN2)
     tl.store(Out + bh * Lq * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
              _cast(out, Out.dtype.element_ty, INTERPRET), mask=mmask[:, None] & dmask[None, :])
     tl.store(Lse + bh * Lq + offs_m, lse, mask=mmask)
@@ -174,7 +173,7 @@ def _bwd_kv_tile(
         lse = tl.load(Lse_bh + m, mask=mmask, other=float("-inf"))
         delta = tl.load(Delta_bh + m, mask=mmask, other=0.0)
         row_ok = lse != float("-inf")
-        lse2 = tl.where(row_ok, lse * LOG2E, 0.0)
+        lse2 = tl.where(row_ok, lse * _LOG2E, 0.0)
         sT = _dot(k, qT, INTERPRET) * qk_scale
         allowed = key_ok[:, None] & row_ok[None, :]
         if CAUSAL:
@@ -216,29 +215,28 @@ def _attn_bwd_kv(
     Lse_bh = Lse + bh * Lq
     Delta_bh = Delta + bh * Lq
     Mask_row = Mask + b * Lk
-    meta = (BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, CAUSAL, HAS_MASK, INTERPRET)
     if t < T1:
         _bwd_kv_tile(Qb, sqm, DOb, sdom, Lse_bh, Delta_bh, K0 + b * sk0b + h * sk0h, V0 + b * sv0b + h * sv0h,
                      sk0n, sv0n, DK0 + bh * L0 * HEAD_DIM, DV0 + bh * L0 * HEAD_DIM, L0, 0,
-                     t * BLOCK_N, Mask_row, Lq, Lk, qk_scale, scale, *meta)
+                     t * BLOCK_N, Mask_row, Lq, Lk, qk_scale, scale, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, CAUSAL, HAS_MASK, INTERPRET)
     if NUM_CHUNKS > 1:
         if (t >= T1) & (t < T2):
             _bwd_kv_tile(Qb, sqm, DOb, sdom, Lse_bh, Delta_bh, K1 + b * sk1b + h * sk1h,
                          V1 + b * sv1b + h * sv1h, sk1n, sv1n, DK1 + bh * L1 * HEAD_DIM,
                          DV1 + bh * L1 * HEAD_DIM, L1, L0, (t - T1) * BLOCK_N, Mask_row, Lq, Lk,
-                         qk_scale, scale, *meta)
+                         qk_scale, scale, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, CAUSAL, HAS_MASK, INTERPRET)
     if NUM_CHUNKS > 2:
         if (t >= T2) & (t < T3):
             _bwd_kv_tile(Qb, sqm, DOb, sdom, Lse_bh, Delta_bh, K2 + b * sk2b + h * sk2h,
                          V2 + b * sv2b + h * sv2h, sk2n, sv2n, DK2 + bh * L2 * HEAD_DIM,
                          DV2 + bh * L2 * HEAD_DIM, L2, L0 + L1, (t - T2) * BLOCK_N, Mask_row, Lq, Lk,
-                         qk_scale, scale, *meta)
+                         qk_scale, scale, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, CAUSAL, HAS_MASK, INTERPRET)
     if NUM_CHUNKS > 3:
         if t >= T3:
             _bwd_kv_tile(Qb, sqm, DOb, sdom, Lse_bh, Delta_bh, K3 + b * sk3b + h * sk3h,
                          V3 + b * sv3b + h * sv3h, sk3n, sv3n, DK3 + bh * L3 * HEAD_DIM,
                          DV3 + bh * L3 * HEAD_DIM, L3, L0 + L1 + L2, (t - T3) * BLOCK_N, Mask_row, Lq,
-                         Lk, qk_scale, scale, *meta)
+                         Lk, qk_scale, scale, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, CAUSAL, HAS_MASK, INTERPRET)
 
 
 @triton.jit
@@ -293,25 +291,20 @@ def _attn_bwd_q(
     lse = tl.load(Lse + bh * Lq + offs_m, mask=mmask, other=float("-inf"))
     delta = tl.load(Delta + bh * Lq + offs_m, mask=mmask, other=0.0)
     row_ok = lse != float("-inf")
-    lse2 = tl.where(row_ok, lse * LOG2E, 0.0)
+    lse2 = tl.where(row_ok, lse * _LOG2E, 0.0)
     Mask_row = Mask + b * Lk
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    rows = (dq, q, do, lse2, delta, row_ok, offs_m, start_m)
-    meta = (BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, CAUSAL, HAS_MASK, INTERPRET)
-    dq = _bwd_q_chunk(*rows, K0 + b * sk0b + h * sk0h, V0 + b * sv0b + h * sv0h, sk0n, sv0n, L0, 0,
-                      Mask_row, Lq, Lk, qk_scale, *meta)
+    dq = _bwd_q_chunk(dq, q, do, lse2, delta, row_ok, offs_m, start_m, K0 + b * sk0b + h * sk0h, V0 + b * sv0b + h * sv0h, sk0n, sv0n, L0, 0,
+                      Mask_row, Lq, Lk, qk_scale, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, CAUSAL, HAS_MASK, INTERPRET)
     if NUM_CHUNKS > 1:
-        rows = (dq, q, do, lse2, delta, row_ok, offs_m, start_m)
-        dq = _bwd_q_chunk(*rows, K1 + b * sk1b + h * sk1h, V1 + b * sv1b + h * sv1h, sk1n, sv1n, L1, L0,
-                          Mask_row, Lq, Lk, qk_scale, *meta)
+            dq = _bwd_q_chunk(dq, q, do, lse2, delta, row_ok, offs_m, start_m, K1 + b * sk1b + h * sk1h, V1 + b * sv1b + h * sv1h, sk1n, sv1n, L1, L0,
+                          Mask_row, Lq, Lk, qk_scale, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, CAUSAL, HAS_MASK, INTERPRET)
     if NUM_CHUNKS > 2:
-        rows = (dq, q, do, lse2, delta, row_ok, offs_m, start_m)
-        dq = _bwd_q_chunk(*rows, K2 + b * sk2b + h * sk2h, V2 + b * sv2b + h * sv2h, sk2n, sv2n, L2,
-                          L0 + L1, Mask_row, Lq, Lk, qk_scale, *meta)
+            dq = _bwd_q_chunk(dq, q, do, lse2, delta, row_ok, offs_m, start_m, K2 + b * sk2b + h * sk2h, V2 + b * sv2b + h * sv2h, sk2n, sv2n, L2,
+                          L0 + L1, Mask_row, Lq, Lk, qk_scale, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, CAUSAL, HAS_MASK, INTERPRET)
     if NUM_CHUNKS > 3:
-        rows = (dq, q, do, lse2, delta, row_ok, offs_m, start_m)
-        dq = _bwd_q_chunk(*rows, K3 + b * sk3b + h * sk3h, V3 + b * sv3b + h * sv3h, sk3n, sv3n, L3,
-                          L0 + L1 + L2, Mask_row, Lq, Lk, qk_scale, *meta)
+            dq = _bwd_q_chunk(dq, q, do, lse2, delta, row_ok, offs_m, start_m, K3 + b * sk3b + h * sk3h, V3 + b * sv3b + h * sv3h, sk3n, sv3n, L3,
+                          L0 + L1 + L2, Mask_row, Lq, Lk, qk_scale, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, CAUSAL, HAS_MASK, INTERPRET)
     dq = dq * scale
     tl.store(DQ + bh * Lq * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
              _cast(dq, DQ.dtype.element_ty, INTERPRET), mask=md_mask)
@@ -388,7 +381,7 @@ def attention_fwd(q, ks, vs, key_padding_mask, causal: bool, scale: float):
     grid = (triton.cdiv(Lq, BLOCK_M) * B * H,)
     _attn_fwd[grid](
         q, q.stride(0), q.stride(1), q.stride(2), *chunk_args,
-        mask, out, lse, H, Lq, Lk, float(scale) * LOG2E,
+        mask, out, lse, H, Lq, Lk, float(scale) * _LOG2E.value,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(D)), HEAD_DIM=D,
         NUM_CHUNKS=n, CAUSAL=bool(causal), HAS_MASK=has_mask,
         INTERPRET=_interpreted(),
@@ -415,7 +408,7 @@ def attention_bwd(q, ks, vs, key_padding_mask, causal, scale, out, lse, dout, de
         BLOCK_D=max(16, triton.next_power_of_2(D)), HEAD_DIM=D, NUM_CHUNKS=n, CAUSAL=bool(causal),
         HAS_MASK=has_mask, INTERPRET=_interpreted(),
     )
-    scales = (float(scale) * LOG2E, float(scale))
+    scales = (float(scale) * _LOG2E.value, float(scale))
     qd = (q, q.stride(0), q.stride(1), q.stride(2), dout, dout.stride(0), dout.stride(1), dout.stride(2))
 
     BLOCK_M, BLOCK_N, warps, stages = _blocks("kv", D, q.dtype)

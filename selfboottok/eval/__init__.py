@@ -1,0 +1,1 @@
+"""Evaluation: FLOPs (and, later, reconstruction and generation metrics)."""

@@ -1,0 +1,205 @@
+"""SelfBootTok models and pipeline: shapes, gradients, the ids-only decode path, the two
+generator modes, OT alignment against POT, save/load, determinism, FLOPs and bad inputs."""
+
+import pytest
+import torch
+
+from selfboottok import SelfBootTok, SelfBootTokConfig
+from selfboottok.eval.flops import count_flops, generator_flops
+from selfboottok.models import Alignment, build_generator, cosine_cost
+
+
+def tiny(**overrides):
+    return SelfBootTokConfig.preset("tiny", **overrides)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return SelfBootTok(tiny()).eval()
+
+
+def images(gen, n=3, size=32):
+    return torch.rand(n, 3, size, size, generator=gen) * 2 - 1
+
+
+def test_public_methods_shapes_and_ranges(model, gen):
+    c = model.config
+    x = images(gen)
+    t = model.tokenize(x)
+    assert t.global_ids.shape == (3, c.num_global) and t.global_ids.dtype == torch.long
+    assert 0 <= t.global_ids.min() and t.global_ids.max() < c.vocab_size
+    assert t.local_1d.shape == (3, c.num_local, c.local_dim)
+    assert t.local_2d.shape == (3, c.num_patches, c.local_2d_dim)
+    assert torch.equal(t.ids, t.global_ids)
+    outs = [model.decode(t.global_ids), model.decode(t.global_ids, t.local_1d, t.local_2d),
+            model.reconstruct(x), model.reconstruct(x, bootstrap=True),
+            model.generate([0, 3, 9], steps=3, guidance=1.0, seed=1),
+            model.generate([1, 2], generator="ar", guidance=2.0, seed=1, top_k=20, top_p=0.9)]
+    for img in outs:
+        assert img.shape[1:] == (3, 32, 32) and torch.isfinite(img).all()
+        assert img.min() >= -1 and img.max() <= 1
+    torch.testing.assert_close(outs[1], outs[2])
+
+
+def test_b64_on_meta():
+    c = SelfBootTokConfig.preset("b64")
+    with torch.device("meta"):
+        m = SelfBootTok(c)
+        x = torch.empty(2, 3, 256, 256)
+        t = m.tokenize(x)
+        assert t.global_ids.shape == (2, 64) and t.local_1d.shape == (2, 48, 16)
+        assert t.local_2d.shape == (2, 256, 8)
+        assert m.decode(t.global_ids).shape == (2, 3, 256, 256)
+        assert m.stage1_losses(x)["loss"].shape == ()
+    enc = sum(p.numel() for p in m.tokenizer.encoder.parameters())
+    assert 80e6 < enc < 90e6  # ViT-B, as TiTok-B-64's encoder
+
+
+@pytest.mark.parametrize("overrides", [{}, {"quantizer": "fsq"}, {"alignment": "softmax"},
+                                       {"alignment": "avgpool", "ema_teacher": 0.9},
+                                       {"generator_tokens": "all"}])
+def test_stage1_gradients_reach_every_parameter(gen, overrides):
+    m = SelfBootTok(tiny(**overrides)).train()
+    losses = m.stage1_losses(images(gen, 2))
+    losses["loss"].backward()
+    for name, p in m.named_parameters():
+        if name.startswith("generators."):
+            continue  # trained in stage 2
+        if p.requires_grad:
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+            assert p.grad.abs().sum() > 0, name
+    if overrides.get("ema_teacher"):
+        before = [p.clone() for p in m.teacher.parameters()]
+        torch.optim.SGD(m.parameters(), lr=0.1).step()
+        m.update_teacher()
+        assert any(not torch.equal(a, b) for a, b in zip(before, m.teacher.parameters()))
+
+
+def test_stage2_trains_only_generators_and_bootstrap(gen):
+    m = SelfBootTok(tiny()).train()
+    losses = m.stage2_losses(images(gen, 2), [0, 5])
+    assert {"gen_maskgit", "gen_ar", "rec_boot", "boot", "loss"} <= set(losses)
+    losses["loss"].backward()
+    trained = {id(p) for p in m.stage2_parameters()}
+    for name, p in m.named_parameters():
+        got = p.grad is not None and p.grad.abs().sum() > 0
+        assert got == (id(p) in trained), name
+    only_gen = m.stage2_losses(images(gen, 2), [0, 5], parts=("generator",))
+    assert set(only_gen) == {"gen_maskgit", "gen_ar", "loss"}
+
+
+def test_decode_uses_only_the_ids(model, gen):
+    ids = model.tokenize(images(gen, 2)).global_ids
+    first = model.decode(ids)
+    model.reconstruct(images(gen, 4))  # anything else the model saw in between
+    again = model.decode(ids)
+    assert torch.equal(first, again)
+    # one image's decode does not depend on the rest of the batch
+    torch.testing.assert_close(model.decode(ids[1:]), first[1:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["maskgit", "ar"])
+def test_generator_sequence_length(kind):
+    for mode, length in (("global", 16), ("all", 24)):
+        c = tiny(generator_tokens=mode, generators=[kind])
+        assert c.num_quantized == length
+        g = build_generator(kind, c)
+        assert g.seq_len == length and g.pos.shape[0] == length + 1
+        ids = g.generate(torch.tensor([1, 2]))
+        assert ids.shape == (2, length) and ids.max() < c.vocab_size
+    baseline = SelfBootTok(tiny(generator_tokens="all")).eval()
+    t = baseline.tokenize(torch.zeros(1, 3, 32, 32))
+    assert t.ids.shape == (1, 24) and t.local_1d is None and baseline.bootstrap is None
+
+
+def test_ot_alignment_matches_pot(gen):
+    ot = pytest.importorskip("ot")
+    feats = torch.randn(1, 12, 6, generator=gen, dtype=torch.float64)
+    slots = torch.randn(1, 4, 6, generator=gen, dtype=torch.float64)
+    out = Alignment("ot", eps=0.05, n_iters=3000)(feats, slots)
+    C = cosine_cost(feats, slots)[0].numpy()
+    a, b = torch.full((12,), 1 / 12, dtype=torch.float64), torch.full((4,), 1 / 4, dtype=torch.float64)
+    plan = ot.sinkhorn(a.numpy(), b.numpy(), C, reg=0.05, method="sinkhorn_log",
+                       numItermax=100000, stopThr=1e-14)
+    torch.testing.assert_close(out.plan[0], torch.from_numpy(plan), atol=1e-9, rtol=1e-6)
+    torch.testing.assert_close(out.tokens[0], 4 * torch.from_numpy(plan).T @ feats[0], atol=1e-8, rtol=1e-6)
+    assert abs(out.loss.item() - (plan * C).sum()) < 1e-9
+    torch.testing.assert_close(out.slot_mass, torch.ones(1, 4, dtype=torch.float64))
+
+
+def test_save_load_round_trip(model, gen, tmp_path):
+    model.save_pretrained(tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == {"config.json", "model.safetensors"}
+    loaded = SelfBootTok.from_pretrained(tmp_path)
+    assert loaded.config == model.config
+    x = images(gen, 2)
+    assert torch.equal(loaded.reconstruct(x), model.reconstruct(x))
+    assert torch.equal(loaded.generate([4], steps=2, seed=3), model.generate([4], steps=2, seed=3))
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * 10)
+    with pytest.raises(ValueError, match="does not match"):
+        SelfBootTok.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        SelfBootTok.from_pretrained(tmp_path / "missing")
+
+
+def test_seeded_runs_are_deterministic(gen):
+    x = images(gen, 2)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        m = SelfBootTok(tiny(seed=7)).train()
+        loss = m.stage1_losses(x)["loss"]
+        loss.backward()
+        runs.append((loss.detach(), m.tokenizer.to_code.weight.grad.clone(),
+                     m.eval().generate([1, 2], steps=3, seed=5)))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    other = SelfBootTok(tiny(seed=8))
+    assert not torch.equal(other.tokenizer.to_code.weight, m.tokenizer.to_code.weight)
+
+
+def test_generator_flops_saving_at_b64():
+    ours = SelfBootTokConfig.preset("b64")
+    base = ours.with_overrides(generator_tokens="all")
+    saving = 1 - generator_flops(ours) / generator_flops(base)
+    assert saving >= 0.35
+    # the fused attention op is counted: 4 B H Lq Lk D per call
+    from selfboottok.ops import attention
+
+    q = torch.empty(2, 3, 5, 8, device="meta")
+    k = torch.empty(2, 3, 7, 8, device="meta")
+    assert count_flops(lambda: attention(q, [k, k], [k, k])) == 4 * 2 * 3 * 5 * 14 * 8
+
+
+def test_bad_inputs(model):
+    with pytest.raises(ValueError, match=r"images must be \[B,3,32,32\]"):
+        model.tokenize(torch.zeros(1, 3, 64, 64))
+    with pytest.raises(ValueError, match=r"in \[-1,1\]"):
+        model.tokenize(torch.full((1, 3, 32, 32), 255.0))
+    with pytest.raises(ValueError, match=r"global_ids must be in \[0, 256\)"):
+        model.decode(torch.full((1, 16), 256))
+    with pytest.raises(ValueError, match=r"global_ids must be \[B,16\]"):
+        model.decode(torch.zeros(1, 15, dtype=torch.long))
+    with pytest.raises(ValueError, match="class_labels"):
+        model.generate([10])
+    with pytest.raises(ValueError, match="generator must be"):
+        model.generate([1], generator="diffusion")
+    with pytest.raises(ValueError, match="image_size"):
+        tiny(image_size=30)
+    with pytest.raises(ValueError, match="head dim"):
+        tiny(**{"encoder.heads": 8, "encoder.width": 96})
+    with pytest.raises(ValueError, match="unknown field"):
+        tiny(**{"encoder.size": 3})
+
+
+def test_config_files_and_overrides(tmp_path):
+    c = tiny(**{"encoder.depth": 3, "train.lr": 3e-4, "alignment": "softmax"})
+    assert c.encoder.depth == 3 and c.train.lr == 3e-4
+    for name in ("c.yaml", "c.json"):
+        c.save(tmp_path / name)
+        assert SelfBootTokConfig.load(tmp_path / name) == c
+    (tmp_path / "p.yaml").write_text("preset: b64\nnum_local: 32\nencoder:\n  depth: 6\n")
+    d = SelfBootTokConfig.load(tmp_path / "p.yaml", seed=3)
+    assert (d.image_size, d.num_local, d.encoder.depth, d.encoder.width, d.seed) == (256, 32, 6, 768, 3)
+    with pytest.raises(ValueError, match="unknown preset"):
+        SelfBootTokConfig.preset("huge")
