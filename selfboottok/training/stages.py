@@ -1,0 +1,132 @@
+"""Stage 1 (the tokenizer) and stage 2 (generators and bootstrap decoder on frozen global
+tokens), each a TrainLoop with its losses, parameters and sample grids."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from selfboottok.config import SelfBootTokConfig
+from selfboottok.eval.report import save_grid
+from selfboottok.pipeline import SelfBootTok
+
+from . import distributed as dist
+from .loop import TrainLoop
+
+PARTS = ("generator", "bootstrap")
+
+
+def _dataset(config, dataset):
+    if dataset is not None:
+        return dataset
+    from selfboottok.data import build_dataset
+
+    return build_dataset("synthetic", config.image_size, n=10000, seed=config.seed)
+
+
+def _fixed_images(dataset, n=8):
+    return torch.stack([dataset[i][0] for i in range(min(n, len(dataset)))])
+
+
+def stage1_parameters(model):
+    """Everything but the generators: tokenizer (encoder, quantizer, pixel decoder) and the
+    bootstrap decoder."""
+    params = list(model.tokenizer.parameters())
+    if model.bootstrap is not None:
+        params += list(model.bootstrap.parameters())
+    return params
+
+
+def train_stage1(config: SelfBootTokConfig, out_dir, *, dataset=None, max_steps=None,
+                 resume=False, total_steps=None) -> SelfBootTok:
+    """Trains the tokenizer; writes `out_dir/model` (EMA weights) for stage 2."""
+    device = dist.init()
+    dataset = _dataset(config, dataset)
+    model = SelfBootTok(config)
+    shown = _fixed_images(dataset).to(device)
+
+    def samples(m, step, out):
+        rows = [shown, m.reconstruct(shown)]
+        if m.global_mode:
+            rows.append(m.reconstruct(shown, bootstrap=True))
+        save_grid(rows, Path(out) / "samples" / f"stage1_step{step:06d}.png", scale=3)
+
+    loop = TrainLoop(model, stage1_parameters(model), lambda m, b: m.stage1_losses(b[0]),
+                     total_steps or config.train.stage1_steps, out_dir, stage="stage1",
+                     max_steps=max_steps, sample_fn=samples,
+                     after_step=lambda m: m.update_teacher(), device=device)
+    loop.run(dataset, resume=resume)
+    _export(loop, Path(out_dir) / "model")
+    return model
+
+
+def train_stage2(config: Optional[SelfBootTokConfig], init, out_dir, *, parts=PARTS,
+                 dataset=None, max_steps=None, resume=False, total_steps=None) -> SelfBootTok:
+    """Freezes the encoder and quantizer of the stage-1 model in `init` and trains `parts`:
+    the generators on the frozen ids and/or the bootstrap + pixel decoder, from one data pass.
+    Two jobs (``parts=("generator",)`` and ``("bootstrap",)``) can run side by side; join
+    their outputs with :func:`merge_stage2`."""
+    parts = tuple(parts)
+    if not parts or any(p not in PARTS for p in parts):
+        raise ValueError(f"parts must be a non-empty subset of {PARTS}, got {parts}")
+    device = dist.init()
+    base = SelfBootTok.from_pretrained(init)
+    config = base.config if config is None else config
+    _same_tokenizer(base.config, config)
+    model = SelfBootTok(config)
+    model.tokenizer.load_state_dict(base.tokenizer.state_dict())
+    if model.bootstrap is not None and config.bootstrap == base.config.bootstrap:
+        model.bootstrap.load_state_dict(base.bootstrap.state_dict())  # else: a new (larger) one
+    dataset = _dataset(config, dataset)
+    classes = torch.arange(min(10, config.num_classes)).repeat_interleave(4)
+    shown = _fixed_images(dataset).to(device)
+
+    def samples(m, step, out):
+        folder = Path(out) / "samples"
+        if "generator" in parts:
+            for kind in m.generators:
+                imgs = m.generate(classes.to(device), generator=kind, seed=0)
+                save_grid(list(imgs.split(4)), folder / f"stage2_{kind}_step{step:06d}.png", scale=3)
+        if "bootstrap" in parts and m.global_mode:
+            rows = [shown, m.reconstruct(shown), m.reconstruct(shown, bootstrap=True)]
+            save_grid(rows, folder / f"stage2_bootstrap_step{step:06d}.png", scale=3)
+
+    loop = TrainLoop(model, model.stage2_parameters(parts),
+                     lambda m, b: m.stage2_losses(b[0], b[1], parts),
+                     total_steps or config.train.stage2_steps, out_dir, stage="stage2",
+                     max_steps=max_steps, sample_fn=samples, device=device)
+    loop.run(dataset, resume=resume)
+    _export(loop, Path(out_dir) / "model")
+    return model
+
+
+def merge_stage2(generator_dir, bootstrap_dir, out_dir) -> SelfBootTok:
+    """One model from two stage-2 jobs: generators from one, bootstrap + pixel decoder from
+    the other (both must come from the same stage-1 tokenizer)."""
+    gen, boot = SelfBootTok.from_pretrained(generator_dir), SelfBootTok.from_pretrained(bootstrap_dir)
+    _same_tokenizer(gen.config, boot.config)
+    for a, b in zip(gen.tokenizer.encoder.parameters(), boot.tokenizer.encoder.parameters()):
+        if not torch.equal(a, b):
+            raise ValueError("the two stage-2 models come from different stage-1 tokenizers")
+    boot.generators.load_state_dict(gen.generators.state_dict())
+    boot.save_pretrained(out_dir)
+    return boot
+
+
+def _same_tokenizer(a: SelfBootTokConfig, b: SelfBootTokConfig):
+    keep = ("train", "generator", "generators", "class_dropout", "seed", "bootstrap",
+            "w_rec", "w_rec_boot", "w_boot", "w_quant", "w_align", "ema_teacher")
+    da = {k: v for k, v in a.to_dict().items() if k not in keep}
+    db = {k: v for k, v in b.to_dict().items() if k not in keep}
+    diff = sorted(k for k in da if da[k] != db.get(k))
+    if diff:
+        raise ValueError(f"stage 2 config differs from the stage-1 model's in {diff}")
+
+
+def _export(loop, directory):
+    if dist.is_main():
+        with loop.ema_weights() as m:
+            m.save_pretrained(directory)
+    dist.barrier()

@@ -1,0 +1,137 @@
+"""Trainers: exact resume, checkpoint errors, NaN stop, metrics records, stage 2 freezing,
+and DDP under torchrun (gloo on CPU)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from selfboottok import SelfBootTok, SelfBootTokConfig
+from selfboottok.training import (CheckpointError, TrainingDiverged, TrainLoop, load_checkpoint,
+                                  train_stage1, train_stage2)
+from selfboottok.training.stages import merge_stage2
+
+SMALL = {"encoder.width": 64, "encoder.depth": 1, "encoder.heads": 2,
+         "decoder.width": 64, "decoder.depth": 1, "decoder.heads": 2,
+         "bootstrap.width": 64, "bootstrap.depth": 1, "bootstrap.heads": 2,
+         "generator.width": 64, "generator.depth": 1, "generator.heads": 2,
+         "train.batch_size": 4, "train.log_every": 2, "train.sample_every": 3,
+         "train.ckpt_every": 2, "train.warmup_steps": 2, "train.stage1_steps": 6,
+         "train.stage2_steps": 4}
+
+
+def small(**overrides):
+    return SelfBootTokConfig.preset("tiny", **{**SMALL, **overrides})
+
+
+def data(n=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.rand(n, 3, 32, 32, generator=g) * 2 - 1, torch.randint(0, 10, (n,), generator=g))
+
+
+def records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_stage1_resume_matches_uninterrupted_run(tmp_path):
+    cfg = small()
+    full = train_stage1(cfg, tmp_path / "full", dataset=data())
+    train_stage1(cfg, tmp_path / "cut", dataset=data(), max_steps=3)
+    assert load_checkpoint(tmp_path / "cut/checkpoints/last.pt")["step"] == 3
+    resumed = train_stage1(cfg, tmp_path / "cut", dataset=data(), resume=True)
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    a, b = records(tmp_path / "full/metrics.jsonl"), records(tmp_path / "cut/metrics.jsonl")
+    assert [r["step"] for r in a] == [2, 4, 6] and [r["step"] for r in b] == [2, 3, 4, 6]
+    for key in ("loss", "rec", "rec_boot", "boot", "quant", "align", "lr"):
+        assert abs(a[-1][key] - b[-1][key]) <= 1e-4 * max(1.0, abs(a[-1][key])), key
+    out = tmp_path / "full"
+    assert (out / "loss_curves.png").is_file() and (out / "model/model.safetensors").is_file()
+    assert (out / "samples/stage1_step000006.png").is_file()
+
+
+def test_max_steps_keeps_the_schedule(tmp_path):
+    cfg = small()
+    m = SelfBootTok(cfg)
+    loop = TrainLoop(m, list(m.tokenizer.parameters()), lambda m, b: m.stage1_losses(b[0]), 6,
+                     tmp_path, stage="stage1", max_steps=2)
+    loop.run(data())
+    assert loop.step == 2
+    assert loop.sched.get_last_lr()[0] == pytest.approx(cfg.train.lr)  # warmup 2 of 6 steps
+
+
+def test_checkpoint_errors(tmp_path):
+    train_stage1(small(), tmp_path, dataset=data(), max_steps=2)
+    ckpt = tmp_path / "checkpoints/last.pt"
+    blob = ckpt.read_bytes()
+    (tmp_path / "cut.pt").write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(tmp_path / "cut.pt")
+    torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="not a selfboottok training checkpoint"):
+        load_checkpoint(tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "none.pt")
+    with pytest.raises(ValueError, match="different config"):
+        train_stage1(small(seed=5), tmp_path, dataset=data(), resume=True)
+    assert not list(tmp_path.glob("checkpoints/.*tmp*"))  # no temporary file left behind
+
+
+def test_nan_loss_stops_cleanly(tmp_path):
+    m = SelfBootTok(small())
+    calls = []
+
+    def loss_fn(model, batch):
+        out = model.stage1_losses(batch[0])
+        calls.append(1)
+        if len(calls) == 3:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    loop = TrainLoop(m, list(m.tokenizer.parameters()), loss_fn, 6, tmp_path, stage="stage1")
+    with pytest.raises(TrainingDiverged, match="at step 3"):
+        loop.run(data())
+    state = load_checkpoint(tmp_path / "checkpoints/last.pt")
+    assert state["step"] == 2
+    for v in state["model"].values():
+        assert torch.isfinite(v.float()).all()
+
+
+def test_stage2_freezes_the_tokenizer_and_merges(tmp_path):
+    cfg = small()
+    s1 = train_stage1(cfg, tmp_path / "s1", dataset=data(), max_steps=2)
+    enc = {k: v.clone() for k, v in s1.tokenizer.encoder.state_dict().items()}
+    both = train_stage2(None, tmp_path / "s1/model", tmp_path / "s2", dataset=data(), max_steps=2)
+    saved = SelfBootTok.from_pretrained(tmp_path / "s1/model")
+    for k, v in both.tokenizer.encoder.state_dict().items():
+        assert torch.equal(v, saved.tokenizer.encoder.state_dict()[k]), k
+    assert set(enc) == set(both.tokenizer.encoder.state_dict())
+    rec = records(tmp_path / "s2/metrics.jsonl")[-1]
+    assert {"gen_maskgit", "gen_ar", "boot", "rec_boot"} <= set(rec)
+    assert list((tmp_path / "s2/samples").glob("stage2_maskgit_step*.png"))
+    # two jobs side by side, then merged
+    g = train_stage2(None, tmp_path / "s1/model", tmp_path / "g", parts=["generator"], dataset=data(), max_steps=2)
+    b = train_stage2(None, tmp_path / "s1/model", tmp_path / "b", parts=["bootstrap"], dataset=data(), max_steps=2)
+    assert set(records(tmp_path / "g/metrics.jsonl")[-1]) >= {"gen_maskgit", "gen_ar"}
+    assert "gen_ar" not in records(tmp_path / "b/metrics.jsonl")[-1]
+    merged = merge_stage2(tmp_path / "g/model", tmp_path / "b/model", tmp_path / "merged")
+    for k, v in g.generators.state_dict().items():
+        torch.testing.assert_close(merged.generators.state_dict()[k], SelfBootTok.from_pretrained(tmp_path / "g/model").generators.state_dict()[k])
+    assert merged.generate([1], steps=2, seed=0).shape == (1, 3, 32, 32)
+
+
+def test_torchrun_ddp_on_cpu(tmp_path):
+    sets = [f"--set={k}={v}" for k, v in {**SMALL, "train.batch_size": 8}.items()]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+           "-m", "selfboottok.cli", "train", "stage1", "--preset", "tiny", *sets,
+           "--n", "64", "--max-steps", "2", "--out", str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [r["step"] for r in records(tmp_path / "metrics.jsonl")] == [2]
+    assert (tmp_path / "model/model.safetensors").is_file()
+    assert load_checkpoint(tmp_path / "checkpoints/last.pt")["step"] == 2
