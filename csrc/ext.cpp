@@ -8,11 +8,24 @@ TORCH_LIBRARY(selfboottok, m) {
   m.def(
       "sinkhorn_kernel(Tensor cost, Tensor a, Tensor b, float eps, int max_iters, float tol)"
       " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Flash attention over key chunks read in place; -> out, float32 lse. Backward -> dq, dk and
+  // dv per chunk, with delta = rowsum(dout * out) - grad_lse from the caller. Semantics:
+  // selfboottok/ops/attention.py.
+  m.def(
+      "attention_fwd_kernel(Tensor q, Tensor[] k, Tensor[] v, Tensor? key_padding_mask,"
+      " bool causal, float scale) -> (Tensor, Tensor)");
+  m.def(
+      "attention_bwd_kernel(Tensor q, Tensor[] k, Tensor[] v, Tensor? key_padding_mask,"
+      " bool causal, float scale, Tensor out, Tensor lse, Tensor dout, Tensor delta)"
+      " -> (Tensor, Tensor[], Tensor[])");
 }
 
 // The kernel op is not differentiable itself; selfboottok::sinkhorn (Python) owns the autograd.
 TORCH_LIBRARY_IMPL(selfboottok, Autograd, m) {
   m.impl("sinkhorn_kernel", torch::CppFunction::makeFallthrough());
+  // Likewise for attention: selfboottok::attention owns the autograd.
+  m.impl("attention_fwd_kernel", torch::CppFunction::makeFallthrough());
+  m.impl("attention_bwd_kernel", torch::CppFunction::makeFallthrough());
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -1,0 +1,149 @@
+"""The CUDA attention kernels (csrc/attention/attention_kernels.cuh) compiled as host C++ against
+a CUDA emulator (tests/cuda_emu) and run on CPU tensors, against the float64 reference with
+FlashAttention's error rule: at most twice the error of the same maths in the input dtype, plus a
+floor of 1e-6 (fp32) / 1e-3 (fp16, bf16) times the largest reference value.
+
+What this catches: indexing, strides, chunk walking, masking, causal bounds, tail tiles, head-dim
+padding, the online softmax and the backward maths; output elements never written (outputs
+start as NaN), reads of unloaded shared memory (starts as NaN) or of padding past D (the strided
+inputs are NaN there); barriers not reached by the whole block or warp; WMMA pointer alignment and
+ldm rules. The emulated threads switch only at barriers, in a random order each round, so a
+missing barrier usually shows as a wrong result.
+
+What it cannot catch: the real WMMA fragment layouts and tensor-core rounding, races the barrier
+order hides, memory ordering, shared-memory limits at launch (only the sizes are checked against
+the sm80 budget here), bank conflicts, register spills, or speed. tests/test_attention_cuda.py
+runs the same checks on a GPU.
+"""
+
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from selfboottok.ops._torch_impl import attention_allowed, attention_reference
+
+ROOT = Path(__file__).resolve().parents[1]
+FLOOR = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-3}
+SM80_SMEM_OPTIN = 163 * 1024
+NAN = float("nan")
+
+# (B, H, Lq, chunk lengths, D, mask, causal, layout)
+CASES = [
+    (1, 2, 17, [17], 64, None, False, "contiguous"),
+    (2, 1, 33, [257], 128, "random", False, "strided"),
+    (2, 2, 33, [17], 32, None, True, "strided"),  # Lq > Lk: the first rows see no key
+    (2, 2, 17, [33], 40, "empty_row", True, "misaligned"),  # Lq < Lk
+    (1, 2, 7, [1], 72, None, False, "contiguous"),
+    (2, 1, 20, [5, 0, 28], 64, "random", True, "strided"),
+    (2, 1, 70, [16, 1, 47, 3], 128, "empty_row", False, "misaligned"),  # two query tiles
+    (1, 1, 9, [70, 0], 8, None, True, "strided"),  # two key tiles of one chunk
+]
+
+
+@pytest.fixture(scope="module")
+def emu():
+    from torch.utils.cpp_extension import load
+
+    build = Path(tempfile.gettempdir()) / "selfboottok_cuda_emu"
+    build.mkdir(exist_ok=True)
+    module = load(
+        name="sbt_attention_emu",
+        sources=[str(ROOT / "tests" / "cuda_emu" / "attention_emu.cpp")],
+        extra_include_paths=[str(ROOT / "csrc"), str(ROOT / "tests" / "cuda_emu")],
+        extra_cflags=["-O2", "-fno-strict-aliasing", "-Wno-unknown-pragmas"],
+        build_directory=str(build),
+    )
+    module.set_workers(2)
+    return module
+
+
+def layout(x, kind):
+    """x [B,H,L,D] as a [B,L,H,D] transposed view whose rows continue with NaN (unaligned by one
+    element for "misaligned"), or contiguous."""
+    if kind == "contiguous":
+        return x.contiguous()
+    B, H, L, D = x.shape
+    o = 1 if kind == "misaligned" else 0
+    buf = torch.full((B, L, H, D + 8), NAN, dtype=x.dtype)
+    buf[..., o : o + D] = x.transpose(1, 2)
+    return buf[..., o : o + D].transpose(1, 2)
+
+
+def make_mask(gen, kind, B, Lk):
+    if kind is None:
+        return None
+    mask = torch.rand(B, Lk, generator=gen) > 0.3
+    mask[:, 0] = True
+    if kind == "empty_row":
+        mask[-1] = False
+    return mask
+
+
+def reference(q, k, v, mask, causal, scale, dout, glse, upcast):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out, lse = attention_reference(q, k, v, mask, causal, scale, upcast=upcast, return_lse=True)
+    finite = torch.where(torch.isfinite(lse), lse, 0.0)
+    loss = (out.double() * dout).sum() + (finite.double() * glse).sum()
+    return (out, *torch.autograd.grad(loss, (q, k, v))), lse
+
+
+def max_err(x, ref):
+    return (x.double() - ref.double()).abs().max().item()
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"Lq{c[2]}-Lk{c[3]}-D{c[4]}-{c[5]}-c{int(c[6])}-{c[7]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_matches_reference(emu, gen, case, dtype):
+    B, H, Lq, lens, D, mask_kind, causal, kind = case
+    Lk = sum(lens)
+    q64, k64, v64 = (torch.randn(B, H, L, D, generator=gen, dtype=torch.float64) for L in (Lq, Lk, Lk))
+    dout = torch.randn(B, H, Lq, D, generator=gen, dtype=torch.float64)
+    glse = torch.randn(B, H, Lq, generator=gen, dtype=torch.float64)
+    mask = make_mask(gen, mask_kind, B, Lk)
+    scale = D**-0.5 * (1.5 if causal else 1.0)
+    # the float64 reference sees the same rounded inputs as the kernels
+    q, k, v = (t.to(dtype) for t in (q64, k64, v64))
+    ref, ref_lse = reference(*(t.double() for t in (q, k, v)), mask, causal, scale, dout, glse, True)
+    base, _ = reference(q, k, v, mask, causal, scale, dout, glse, False)
+
+    cuts = torch.tensor([0] + lens).cumsum(0).tolist()
+    ks = [layout(k[:, :, a:b], kind) for a, b in zip(cuts, cuts[1:])]
+    vs = [layout(v[:, :, a:b], kind) for a, b in zip(cuts, cuts[1:])]
+    qs = layout(q, kind)
+    out, lse = emu.fwd(qs, ks, vs, mask, causal, scale)
+    delta = (dout.to(dtype).float() * out.float()).sum(-1) - glse.float()
+    dq, dks, dvs = emu.bwd(qs, ks, vs, mask, causal, scale, lse, layout(dout.to(dtype), kind), delta)
+    for c, L in enumerate(lens):
+        assert dks[c].shape == (B, H, L, D) and dks[c].is_contiguous()
+    got = (out, dq, torch.cat(dks, 2), torch.cat(dvs, 2))
+
+    assert lse.dtype == torch.float32 and lse.shape == (B, H, Lq)
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)) and not torch.isnan(lse).any()
+    fin = torch.isfinite(ref_lse)
+    assert max_err(lse[fin], ref_lse[fin]) <= 1e-5 * (1 + ref_lse[fin].abs().max().item())
+
+    floor = FLOOR[dtype] * max(r.abs().max().item() for r in ref)
+    for name, g, b, r in zip(("out", "dq", "dk", "dv"), got, base, ref):
+        assert g.dtype == dtype and g.shape == r.shape and g.is_contiguous(), name
+        assert torch.isfinite(g).all(), name
+        err, budget = max_err(g, r), 2 * max_err(b, r) + floor
+        print(f"{name}: err {err:.3g} budget {budget:.3g}")
+        assert err <= budget, name
+
+    # rows with no allowed key, and keys no query sees, are exactly zero
+    allowed = attention_allowed(mask, causal, B, Lq, Lk, q.device)
+    if allowed is not None:
+        allowed = allowed.expand(B, H, Lq, Lk)
+        empty_rows, unseen_keys = ~allowed.any(-1), ~allowed.any(-2)
+        assert (out[empty_rows] == 0).all() and (dq[empty_rows] == 0).all()
+        assert torch.isinf(lse[empty_rows]).all()
+        assert (got[2][unseen_keys] == 0).all() and (got[3][unseen_keys] == 0).all()
+
+
+def test_shared_memory_fits_sm80(emu):
+    sizes = dict(emu.smem_bytes())
+    assert len(sizes) == 18
+    for name, size in sizes.items():
+        assert 0 < size <= SM80_SMEM_OPTIN, name
