@@ -5,13 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from .folder import IMAGE_EXTENSIONS, CorruptImageWarning, ImageFolder
+from .transforms import load_image
 from .synthetic import (CLASS_NAMES, GLOBAL_FACTORS, LOCAL_FACTORS, SPLITS, TEXTURE_NAMES,
                         SyntheticShapes, render_shapes)
 
 __all__ = [
     "build_dataset", "SyntheticShapes", "render_shapes", "CLASS_NAMES", "TEXTURE_NAMES",
     "GLOBAL_FACTORS", "LOCAL_FACTORS", "SPLITS", "ImageFolder", "IMAGE_EXTENSIONS",
-    "CorruptImageWarning", "DEFAULT_SYNTHETIC_SIZE",
+    "CorruptImageWarning", "DEFAULT_SYNTHETIC_SIZE", "load_image",
 ]
 
 DEFAULT_SYNTHETIC_SIZE = {"train": 10_000, "test": 2_000, "val": 2_000}

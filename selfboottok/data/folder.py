@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .transforms import exif_upright, pil_to_tensor, resize_center_crop, to_rgb
+from .transforms import load_image
 
 __all__ = ["ImageFolder", "IMAGE_EXTENSIONS", "CorruptImageWarning"]
 
@@ -119,10 +119,7 @@ class ImageFolder(Dataset):
 
     def load(self, path: str) -> torch.Tensor:
         """One file -> float32 [3, S, S] in [-1, 1]; raises if it cannot be decoded."""
-        with Image.open(path) as im:
-            im.load()
-            img = to_rgb(exif_upright(im), self.alpha_background)
-        return pil_to_tensor(resize_center_crop(img, self.image_size))
+        return load_image(path, self.image_size, self.alpha_background)
 
     def __getitem__(self, i):
         n = len(self.samples)

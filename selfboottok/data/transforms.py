@@ -6,7 +6,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-__all__ = ["to_rgb", "resize_center_crop", "pil_to_tensor", "tensor_to_pil", "exif_upright"]
+__all__ = ["to_rgb", "resize_center_crop", "pil_to_tensor", "tensor_to_pil", "exif_upright",
+           "load_image"]
 
 
 def to_rgb(img: Image.Image, background=(255, 255, 255)) -> Image.Image:
@@ -61,3 +62,12 @@ def exif_upright(img: Image.Image) -> Image.Image:
         return ImageOps.exif_transpose(img)
     except Exception:  # malformed EXIF must not lose the image
         return img
+
+
+def load_image(path, size: int, background=(255, 255, 255)) -> torch.Tensor:
+    """One image file -> float32 [3, size, size] in [-1, 1] (upright, RGB, resized, center-
+    cropped); raises FileNotFoundError or PIL's error when it cannot be read."""
+    with Image.open(path) as im:
+        im.load()
+        img = to_rgb(exif_upright(im), background)
+    return pil_to_tensor(resize_center_crop(img, size))
