@@ -203,3 +203,25 @@ def test_config_files_and_overrides(tmp_path):
     assert (d.image_size, d.num_local, d.encoder.depth, d.encoder.width, d.seed) == (256, 32, 6, 768, 3)
     with pytest.raises(ValueError, match="unknown preset"):
         SelfBootTokConfig.preset("huge")
+
+
+def test_vq_initialises_from_data_and_restarts_dead_codes(gen):
+    from selfboottok.models import VectorQuantizer
+
+    vq = VectorQuantizer(16, 4, dead_steps=3).train()
+    z = torch.randn(8, 8, 4, generator=gen, requires_grad=True)
+    first = vq(z)
+    assert first.usage > 0.5  # the codebook now holds latents of this batch
+    first.loss.backward()
+    assert z.grad is not None and torch.isfinite(z.grad).all()
+    # a code nobody uses for dead_steps forwards moves to a latent of the batch
+    with torch.no_grad():
+        vq.embedding.weight[0] = -10 * torch.nn.functional.normalize(z.detach()[0, 0], dim=0)
+    before = vq.embedding.weight[0].clone()
+    for _ in range(4):
+        vq(z)
+    assert not torch.equal(vq.embedding.weight[0], before)
+    with torch.no_grad():  # inference never changes the codebook
+        book = vq.embedding.weight.clone()
+        vq(torch.randn(2, 3, 4, generator=gen))
+        assert torch.equal(book, vq.embedding.weight)

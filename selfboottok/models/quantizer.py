@@ -30,8 +30,8 @@ def _stats(ids, vocab):
 
 class VectorQuantizer(nn.Module):
     """Nearest code by cosine similarity; latents and codes are l2-normalised (TiTok/ViT-VQGAN).
-    A code not hit for `dead_steps` training forwards is restarted at a random latent of the
-    current batch."""
+    The first training forward sets the codebook to latents of its batch; afterwards a code not
+    hit for `dead_steps` training forwards is restarted at a random latent of the current batch."""
 
     def __init__(self, vocab, dim, commitment=0.25, dead_steps=100):
         super().__init__()
@@ -39,20 +39,23 @@ class VectorQuantizer(nn.Module):
         self.embedding = nn.Embedding(vocab, dim)
         nn.init.normal_(self.embedding.weight)
         self.register_buffer("idle", torch.zeros(vocab, dtype=torch.long), persistent=True)
+        self.register_buffer("initialized", torch.tensor(False), persistent=True)
 
     def codebook(self):
         return F.normalize(self.embedding.weight, dim=-1)
 
     def forward(self, z):
         z = F.normalize(z.float(), dim=-1)
+        # codebook upkeep first, so the graph below sees the codes it will use
+        if self.training and torch.is_grad_enabled() and self.dead_steps > 0 and z.device.type != "meta":
+            with torch.no_grad():
+                hits = _stats((z @ self.codebook().T).argmax(-1), self.vocab)[2]
+            self._restart_dead(z.detach(), hits)
         book = self.codebook()
         ids = (z @ book.T).argmax(-1)
         e = book[ids]
         loss = self.commitment * (z - e.detach()).pow(2).mean() + (z.detach() - e).pow(2).mean()
-        perplexity, usage, counts = _stats(ids, self.vocab)
-        # only in training steps (not in no_grad inference), never on the meta device
-        if self.training and torch.is_grad_enabled() and self.dead_steps > 0 and z.device.type != "meta":
-            self._restart_dead(z.detach(), counts)
+        perplexity, usage, _ = _stats(ids, self.vocab)
         codes = z + (e - z).detach()
         return QuantizerOutput(codes, ids, loss, perplexity, usage)
 
@@ -61,12 +64,17 @@ class VectorQuantizer(nn.Module):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(counts)
         self.idle.add_(1).masked_fill_(counts > 0, 0)
-        dead = (self.idle >= self.dead_steps).nonzero().flatten()
+        if not self.initialized:
+            dead = torch.arange(self.vocab, device=z.device)
+            self.initialized.fill_(True)
+        else:
+            dead = (self.idle >= self.dead_steps).nonzero().flatten()
         if dead.numel() == 0:
             return
         flat = z.reshape(-1, self.dim)
         pick = torch.randint(flat.shape[0], (dead.numel(),), device=z.device)
-        fresh = flat[pick]
+        # a little noise keeps codes drawn from the same latent apart
+        fresh = flat[pick] + 0.01 * torch.randn(dead.numel(), self.dim, device=z.device)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.broadcast(fresh, 0)  # every rank restarts to the same codes
         self.embedding.weight[dead] = fresh.to(self.embedding.weight.dtype)
