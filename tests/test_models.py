@@ -209,14 +209,14 @@ def test_vq_initialises_from_data_and_restarts_dead_codes(gen):
     from selfboottok.models import VectorQuantizer
 
     vq = VectorQuantizer(16, 4, dead_steps=3).train()
-    z = torch.randn(8, 8, 4, generator=gen, requires_grad=True)
+    z = torch.randn(8, 8, 4, generator=gen).abs().requires_grad_()
     first = vq(z)
     assert first.usage > 0.5  # the codebook now holds latents of this batch
     first.loss.backward()
     assert z.grad is not None and torch.isfinite(z.grad).all()
     # a code nobody uses for dead_steps forwards moves to a latent of the batch
     with torch.no_grad():
-        vq.embedding.weight[0] = -10 * torch.nn.functional.normalize(z.detach()[0, 0], dim=0)
+        vq.embedding.weight[0] = -1.0  # opposite to every (positive) latent
     before = vq.embedding.weight[0].clone()
     for _ in range(4):
         vq(z)
