@@ -29,7 +29,7 @@ def _config(args):
 def _dataset(args, config, split="train"):
     from selfboottok.data import build_dataset
 
-    return build_dataset(args.data, config.image_size, n=args.n, seed=config.seed, split=split)
+    return build_dataset(args.data, config.image_size, n=args.samples, seed=config.seed, split=split)
 
 
 def cmd_train(args):
@@ -142,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--parts", nargs="+", default=["generator", "bootstrap"],
                    choices=["generator", "bootstrap"], help="stage 2: what to train")
     t.add_argument("--data", default="synthetic", help="'synthetic' or an image folder (root/class/img)")
-    t.add_argument("--n", type=int, default=None, help="synthetic samples (default 10000)")
+    t.add_argument("--samples", type=int, default=None,
+                   help="number of samples (synthetic: default 10000; folder: a random subset)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
     t.add_argument("--max-steps", type=int, help="stop after this step (the LR schedule is kept)")
     t.add_argument("--out", required=True)

@@ -126,9 +126,9 @@ def test_stage2_freezes_the_tokenizer_and_merges(tmp_path):
 
 def test_torchrun_ddp_on_cpu(tmp_path):
     sets = [f"--set={k}={v}" for k, v in {**SMALL, "train.batch_size": 8}.items()]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "selfboottok.cli", "train", "stage1", "--preset", "tiny", *sets,
-           "--n", "64", "--max-steps", "2", "--out", str(tmp_path)]
+           "--samples", "64", "--max-steps", "2", "--out", str(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
