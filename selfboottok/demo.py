@@ -43,7 +43,7 @@ def _seconds_per_step(config, dataset, stage) -> float:
     return min(times[1:])
 
 
-def run_demo(out="demo_out", minutes: float = 8.0, seed: int = 0) -> dict:
+def run_demo(out="demo_out", minutes: float = 7.0, seed: int = 0) -> dict:
     start = time.time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
