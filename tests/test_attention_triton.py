@@ -13,6 +13,7 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton", reason="triton is not installed")
 
 from selfboottok.ops._torch_impl import attention_reference  # noqa: E402
+from selfboottok.ops.triton import attention as triton_attention  # noqa: E402
 from selfboottok.ops.triton.attention import attention_bwd, attention_fwd  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -28,8 +29,8 @@ FLOOR = {torch.float32: 1e-6, torch.bfloat16: 1e-3, torch.float16: 1e-3}
 def make_inputs(gen, B, H, Lq, lengths, D, layout, dtype):
     """q [B,H,Lq,D] and key/value chunks as views in `layout`:
     "bhld" contiguous; "blhd" transposed views of [B,L,H,D] (chunks slice one such tensor);
-    "mixed" contiguous q, chunks alternately contiguous and transposed; "packed" q, k, v of
-    self-attention read from one [B,L,3,H,D] projection."""
+    "mixed" contiguous q, chunks alternately contiguous and transposed (k and v opposite);
+    "packed" q, k, v of self-attention read from one [B,L,3,H,D] projection."""
 
     def randn(*shape):
         return torch.randn(*shape, generator=gen, dtype=F64).to(dtype).to(DEVICE)
@@ -52,8 +53,9 @@ def make_inputs(gen, B, H, Lq, lengths, D, layout, dtype):
     assert layout == "mixed"
     ks, vs = [], []
     for i, L in enumerate(lengths):
-        for out in (ks, vs):
-            out.append(randn(B, H, L, D) if i % 2 == 0 else randn(B, L, H, D).transpose(1, 2))
+        flat, transposed = randn(B, H, L, D), randn(B, L, H, D).transpose(1, 2)
+        ks.append(flat if i % 2 == 0 else transposed)
+        vs.append(transposed if i % 2 == 0 else flat)
     return q, ks, vs
 
 
@@ -144,7 +146,7 @@ CASES = [
     (1, 2, 17, [33], 32, "pad", True, "blhd"),  # Lq < Lk
     (1, 2, 33, [17], 64, None, True, "bhld"),  # Lq > Lk: the first 16 rows see no key
     (1, 2, 7, [1], 32, None, False, "bhld"),  # a single key
-    (1, 1, 5, [257], 128, "pad", False, "blhd"),
+    (1, 2, 17, [257], 128, "pad", False, "blhd"),
     (2, 1, 17, [5, 0, 12], 72, "empty_row", True, "mixed"),  # an empty chunk, a batch with no key
     (1, 2, 24, [24], 40, "pad", True, "packed"),  # self-attention from one qkv projection
     (1, 1, 9, [1, 16, 3, 13], 8, "pad", False, "mixed"),  # MAX_CHUNKS non-empty chunks
@@ -185,6 +187,22 @@ def test_causal_rows_without_keys(gen):
     assert (out[:, :, 16:] != 0).any() and (dq[:, :, 16:] != 0).any()
     assert (dks[0][:, :, :2] == 0).all() and (dvs[0][:, :, :2] == 0).all()
     assert (dvs[0][:, :, 2:] != 0).any()
+
+
+def test_int64_row_offsets(gen, monkeypatch):
+    """Row offsets past 2**31 elements switch the kernels to int64 strides; forced here on a
+    small problem, the results must not change."""
+    q, ks, vs = make_inputs(gen, 2, 2, 19, [11, 14], 32, "mixed", torch.bfloat16)
+    mask = make_mask(gen, "pad", 2, 25)
+    dout = torch.randn(q.shape, generator=gen).to(torch.bfloat16).to(DEVICE)
+    g_lse = torch.randn(2, 2, 19, generator=gen).to(DEVICE)
+    plain = run_kernels(q, ks, vs, mask, True, 0.3, dout, g_lse)
+    monkeypatch.setattr(triton_attention, "_INT32_LIMIT", 1)
+    assert triton_attention._meta(q, ks, vs, mask, True, 2)["ROW64"]
+    wide = run_kernels(q, ks, vs, mask, True, 0.3, dout, g_lse)
+    out, lse, dq, dks, dvs = plain
+    for a, b in zip([out, lse, dq, *dks, *dvs], [wide[0], wide[1], wide[2], *wide[3], *wide[4]]):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="several full-size tiles need a GPU")

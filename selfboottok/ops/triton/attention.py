@@ -44,6 +44,11 @@ def _cast(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def _i64(x):
+    return tl.cast(x, tl.int64)
+
+
+@triton.jit
 def _key_ok(Mask_row, koff, n, Lc, HAS_MASK: tl.constexpr):
     ok = n < Lc
     if HAS_MASK:
@@ -61,6 +66,13 @@ def _causal_hi(Lc, koff, start_m, Lq, Lk, BLOCK_M: tl.constexpr, CAUSAL: tl.cons
 
 
 @triton.jit
+def _probs(s, lse, allowed, scale):
+    # P = exp(scale*s - lse). The difference is formed in natural units and only then scaled by
+    # log2(e): rounding a base-2 lse (|lse| * log2(e)) would cost P several ulps in fp32.
+    return tl.exp2(tl.where(allowed, s * scale - lse, float("-inf")) * _LOG2E)
+
+
+@triton.jit
 def _fwd_chunk(
     acc, m_i, l_i, q, offs_m, start_m, Kb, Vb, sk, sv, Lc, koff, Mask_row, Lq, Lk, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -74,18 +86,17 @@ def _fwd_chunk(
         n = start_n + offs_n
         nmask = n < Lc
         kT = tl.load(Kb + n[None, :] * sk + offs_d[:, None], mask=nmask[None, :] & dmask[:, None], other=0.0)
-        s = _dot(q, kT, INTERPRET) * qk_scale
+        v = tl.load(Vb + n[:, None] * sv + offs_d[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
         allowed = _key_ok(Mask_row, koff, n, Lc, HAS_MASK)[None, :]
         if CAUSAL:
             allowed = allowed & ((koff + n)[None, :] <= offs_m[:, None] + (Lk - Lq))
-        s = tl.where(allowed, s, float("-inf"))
+        s = tl.where(allowed, _dot(q, kT, INTERPRET) * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # a row with no allowed key so far keeps m = -inf; shift it by 0 so exp2 gives 0, not NaN
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_use)
         p = tl.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(Vb + n[:, None] * sv + offs_d[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
         acc = acc * alpha[:, None] + _dot(_cast(p, v.dtype, INTERPRET), v, INTERPRET)
         m_i = m_new
     return acc, m_i, l_i
@@ -101,51 +112,59 @@ def _attn_fwd(
     Mask, Out, Lse, H, Lq, Lk, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
     NUM_CHUNKS: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, INTERPRET: tl.constexpr,
+    ROW64: tl.constexpr,
 ):
-    # one program per (query tile, batch*head); the query tile varies fastest so programs
-    # running together share their keys in L2
+    # one program per (query tile, batch*head), the query tile fastest so that programs running
+    # together read the same keys (L2)
     pid = tl.program_id(0)
     num_m = tl.cdiv(Lq, BLOCK_M)
     start_m = (pid % num_m) * BLOCK_M
     bh = (pid // num_m).to(tl.int64)
     b = bh // H
     h = bh % H
+    if ROW64:  # some row offset passes 2**31 elements
+        sqm, sk0n, sk1n, sk2n, sk3n = _i64(sqm), _i64(sk0n), _i64(sk1n), _i64(sk2n), _i64(sk3n)
+        sv0n, sv1n, sv2n, sv3n = _i64(sv0n), _i64(sv1n), _i64(sv2n), _i64(sv3n)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    mmask = offs_m < Lq
-    dmask = offs_d < HEAD_DIM
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :],
-                mask=mmask[:, None] & dmask[None, :], other=0.0)
+    md_mask = (offs_m < Lq)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :], mask=md_mask, other=0.0)
     Mask_row = Mask + b * Lk
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc, m_i, l_i = _fwd_chunk(acc, m_i, l_i, q, offs_m, start_m, K0 + b * sk0b + h * sk0h,
-                               V0 + b * sv0b + h * sv0h, sk0n, sv0n, L0, 0, Mask_row, Lq, Lk, qk_scale, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, CAUSAL, HAS_MASK, INTERPRET)
+    acc, m_i, l_i = _fwd_chunk(
+        acc, m_i, l_i, q, offs_m, start_m, K0 + b * sk0b + h * sk0h, V0 + b * sv0b + h * sv0h, sk0n, sv0n,
+        L0, 0, Mask_row, Lq, Lk, qk_scale,
+        BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, CAUSAL, HAS_MASK, INTERPRET)
     if NUM_CHUNKS > 1:
-        acc, m_i, l_i = _fwd_chunk(acc, m_i, l_i, q, offs_m, start_m, K1 + b * sk1b + h * sk1h,
-                                   V1 + b * sv1b + h * sv1h, sk1n, sv1n, L1, L0, Mask_row, Lq, Lk,
-                                   qk_scale, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, CAUSAL, HAS_MASK, INTERPRET)
+        acc, m_i, l_i = _fwd_chunk(
+            acc, m_i, l_i, q, offs_m, start_m, K1 + b * sk1b + h * sk1h, V1 + b * sv1b + h * sv1h, sk1n, sv1n,
+            L1, L0, Mask_row, Lq, Lk, qk_scale,
+            BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, CAUSAL, HAS_MASK, INTERPRET)
     if NUM_CHUNKS > 2:
-        acc, m_i, l_i = _fwd_chunk(acc, m_i, l_i, q, offs_m, start_m, K2 + b * sk2b + h * sk2h,
-                                   V2 + b * sv2b + h * sv2h, sk2n, sv2n, L2, L0 + L1, Mask_row, Lq, Lk,
-                                   qk_scale, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, CAUSAL, HAS_MASK, INTERPRET)
+        acc, m_i, l_i = _fwd_chunk(
+            acc, m_i, l_i, q, offs_m, start_m, K2 + b * sk2b + h * sk2h, V2 + b * sv2b + h * sv2h, sk2n, sv2n,
+            L2, L0 + L1, Mask_row, Lq, Lk, qk_scale,
+            BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, CAUSAL, HAS_MASK, INTERPRET)
     if NUM_CHUNKS > 3:
-        acc, m_i, l_i = _fwd_chunk(acc, m_i, l_i, q, offs_m, start_m, K3 + b * sk3b + h * sk3h,
-                                   V3 + b * sv3b + h * sv3h, sk3n, sv3n, L3, L0 + L1 + L2, Mask_row, Lq,
-                                   Lk, qk_scale, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, CAUSAL, HAS_MASK, INTERPRET)
+        acc, m_i, l_i = _fwd_chunk(
+            acc, m_i, l_i, q, offs_m, start_m, K3 + b * sk3b + h * sk3h, V3 + b * sv3b + h * sv3h, sk3n, sv3n,
+            L3, L0 + L1 + L2, Mask_row, Lq, Lk, qk_scale,
+            BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, CAUSAL, HAS_MASK, INTERPRET)
     empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * _LN2)
+    l_safe = tl.where(empty, 1.0, l_i)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * _LN2)
+    out = acc / l_safe[:, None]
     tl.store(Out + bh * Lq * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
-             _cast(out, Out.dtype.element_ty, INTERPRET), mask=mmask[:, None] & dmask[None, :])
-    tl.store(Lse + bh * Lq + offs_m, lse, mask=mmask)
+             _cast(out, Out.dtype.element_ty, INTERPRET), mask=md_mask)
+    tl.store(Lse + bh * Lq + offs_m, lse, mask=offs_m < Lq)
 
 
 @triton.jit
 def _bwd_kv_tile(
     Qb, sqm, DOb, sdom, Lse_bh, Delta_bh, Kb, Vb, sk, sv, DKb, DVb, Lc, koff, start_n, Mask_row,
-    Lq, Lk, qk_scale, scale,
+    Lq, Lk, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, INTERPRET: tl.constexpr,
 ):
@@ -154,16 +173,15 @@ def _bwd_kv_tile(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < HEAD_DIM
-    nmask = offs_n < Lc
-    kv_mask = nmask[:, None] & dmask[None, :]
-    k = tl.load(Kb + offs_n[:, None] * sk + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(Vb + offs_n[:, None] * sv + offs_d[None, :], mask=kv_mask, other=0.0)
+    nd_mask = (offs_n < Lc)[:, None] & dmask[None, :]
+    k = tl.load(Kb + offs_n[:, None] * sk + offs_d[None, :], mask=nd_mask, other=0.0)
+    v = tl.load(Vb + offs_n[:, None] * sv + offs_d[None, :], mask=nd_mask, other=0.0)
     key_ok = _key_ok(Mask_row, koff, offs_n, Lc, HAS_MASK)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     lo = 0
     if CAUSAL:
-        # first query that sees the tile's first key, rounded down to a tile
+        # the first query that sees the tile's first key, rounded down to a tile
         lo = tl.maximum(koff + start_n - (Lk - Lq), 0) // BLOCK_M * BLOCK_M
     for start_m in range(lo, Lq, BLOCK_M):
         m = start_m + offs_m
@@ -173,20 +191,18 @@ def _bwd_kv_tile(
         lse = tl.load(Lse_bh + m, mask=mmask, other=float("-inf"))
         delta = tl.load(Delta_bh + m, mask=mmask, other=0.0)
         row_ok = lse != float("-inf")
-        lse2 = tl.where(row_ok, lse * _LOG2E, 0.0)
-        sT = _dot(k, qT, INTERPRET) * qk_scale
         allowed = key_ok[:, None] & row_ok[None, :]
         if CAUSAL:
             allowed = allowed & ((koff + offs_n)[:, None] <= m[None, :] + (Lk - Lq))
-        pT = tl.where(allowed, tl.exp2(tl.where(allowed, sT, 0.0) - lse2[None, :]), 0.0)
+        pT = _probs(_dot(k, qT, INTERPRET), tl.where(row_ok, lse, 0.0)[None, :], allowed, scale)
         dv += _dot(_cast(pT, do.dtype, INTERPRET), do, INTERPRET)
         dpT = _dot(v, tl.trans(do), INTERPRET)
         dsT = pT * (dpT - delta[None, :])
         dk += _dot(_cast(dsT, qT.dtype, INTERPRET), tl.trans(qT), INTERPRET)
     dk = dk * scale
-    out_offs = offs_n[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(DKb + out_offs, _cast(dk, DKb.dtype.element_ty, INTERPRET), mask=kv_mask)
-    tl.store(DVb + out_offs, _cast(dv, DVb.dtype.element_ty, INTERPRET), mask=kv_mask)
+    offs = offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(DKb + offs, _cast(dk, DKb.dtype.element_ty, INTERPRET), mask=nd_mask)
+    tl.store(DVb + offs, _cast(dv, DVb.dtype.element_ty, INTERPRET), mask=nd_mask)
 
 
 @triton.jit
@@ -196,11 +212,12 @@ def _attn_bwd_kv(
     K1, V1, DK1, DV1, sk1b, sk1h, sk1n, sv1b, sv1h, sv1n, L1,
     K2, V2, DK2, DV2, sk2b, sk2h, sk2n, sv2b, sv2h, sv2n, L2,
     K3, V3, DK3, DV3, sk3b, sk3h, sk3n, sv3b, sv3h, sv3n, L3,
-    Mask, H, Lq, Lk, qk_scale, scale,
+    Mask, H, Lq, Lk, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
     NUM_CHUNKS: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, INTERPRET: tl.constexpr,
+    ROW64: tl.constexpr,
 ):
-    # one program per (key tile of some chunk, batch*head); chunk c owns tiles [T_c, T_{c+1})
+    # one program per (key tile, batch*head); the key tiles of chunk c are [T_c, T_c+1)
     T1 = tl.cdiv(L0, BLOCK_N)
     T2 = T1 + tl.cdiv(L1, BLOCK_N)
     T3 = T2 + tl.cdiv(L2, BLOCK_N)
@@ -210,38 +227,45 @@ def _attn_bwd_kv(
     bh = (pid // T4).to(tl.int64)
     b = bh // H
     h = bh % H
+    if ROW64:  # some row offset passes 2**31 elements
+        sqm, sdom, sk0n, sk1n, sk2n, sk3n = _i64(sqm), _i64(sdom), _i64(sk0n), _i64(sk1n), _i64(sk2n), _i64(sk3n)
+        sv0n, sv1n, sv2n, sv3n = _i64(sv0n), _i64(sv1n), _i64(sv2n), _i64(sv3n)
     Qb = Q + b * sqb + h * sqh
     DOb = DO + b * sdob + h * sdoh
     Lse_bh = Lse + bh * Lq
     Delta_bh = Delta + bh * Lq
     Mask_row = Mask + b * Lk
     if t < T1:
-        _bwd_kv_tile(Qb, sqm, DOb, sdom, Lse_bh, Delta_bh, K0 + b * sk0b + h * sk0h, V0 + b * sv0b + h * sv0h,
-                     sk0n, sv0n, DK0 + bh * L0 * HEAD_DIM, DV0 + bh * L0 * HEAD_DIM, L0, 0,
-                     t * BLOCK_N, Mask_row, Lq, Lk, qk_scale, scale, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, CAUSAL, HAS_MASK, INTERPRET)
+        _bwd_kv_tile(
+            Qb, sqm, DOb, sdom, Lse_bh, Delta_bh, K0 + b * sk0b + h * sk0h, V0 + b * sv0b + h * sv0h, sk0n, sv0n,
+            DK0 + bh * L0 * HEAD_DIM, DV0 + bh * L0 * HEAD_DIM, L0, 0, t * BLOCK_N, Mask_row, Lq, Lk, scale,
+            BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, CAUSAL, HAS_MASK, INTERPRET)
     if NUM_CHUNKS > 1:
         if (t >= T1) & (t < T2):
-            _bwd_kv_tile(Qb, sqm, DOb, sdom, Lse_bh, Delta_bh, K1 + b * sk1b + h * sk1h,
-                         V1 + b * sv1b + h * sv1h, sk1n, sv1n, DK1 + bh * L1 * HEAD_DIM,
-                         DV1 + bh * L1 * HEAD_DIM, L1, L0, (t - T1) * BLOCK_N, Mask_row, Lq, Lk,
-                         qk_scale, scale, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, CAUSAL, HAS_MASK, INTERPRET)
+            _bwd_kv_tile(
+                Qb, sqm, DOb, sdom, Lse_bh, Delta_bh, K1 + b * sk1b + h * sk1h, V1 + b * sv1b + h * sv1h,
+                sk1n, sv1n, DK1 + bh * L1 * HEAD_DIM, DV1 + bh * L1 * HEAD_DIM, L1, L0, (t - T1) * BLOCK_N,
+                Mask_row, Lq, Lk, scale,
+                BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, CAUSAL, HAS_MASK, INTERPRET)
     if NUM_CHUNKS > 2:
         if (t >= T2) & (t < T3):
-            _bwd_kv_tile(Qb, sqm, DOb, sdom, Lse_bh, Delta_bh, K2 + b * sk2b + h * sk2h,
-                         V2 + b * sv2b + h * sv2h, sk2n, sv2n, DK2 + bh * L2 * HEAD_DIM,
-                         DV2 + bh * L2 * HEAD_DIM, L2, L0 + L1, (t - T2) * BLOCK_N, Mask_row, Lq, Lk,
-                         qk_scale, scale, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, CAUSAL, HAS_MASK, INTERPRET)
+            _bwd_kv_tile(
+                Qb, sqm, DOb, sdom, Lse_bh, Delta_bh, K2 + b * sk2b + h * sk2h, V2 + b * sv2b + h * sv2h,
+                sk2n, sv2n, DK2 + bh * L2 * HEAD_DIM, DV2 + bh * L2 * HEAD_DIM, L2, L0 + L1, (t - T2) * BLOCK_N,
+                Mask_row, Lq, Lk, scale,
+                BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, CAUSAL, HAS_MASK, INTERPRET)
     if NUM_CHUNKS > 3:
         if t >= T3:
-            _bwd_kv_tile(Qb, sqm, DOb, sdom, Lse_bh, Delta_bh, K3 + b * sk3b + h * sk3h,
-                         V3 + b * sv3b + h * sv3h, sk3n, sv3n, DK3 + bh * L3 * HEAD_DIM,
-                         DV3 + bh * L3 * HEAD_DIM, L3, L0 + L1 + L2, (t - T3) * BLOCK_N, Mask_row, Lq,
-                         Lk, qk_scale, scale, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, CAUSAL, HAS_MASK, INTERPRET)
+            _bwd_kv_tile(
+                Qb, sqm, DOb, sdom, Lse_bh, Delta_bh, K3 + b * sk3b + h * sk3h, V3 + b * sv3b + h * sv3h,
+                sk3n, sv3n, DK3 + bh * L3 * HEAD_DIM, DV3 + bh * L3 * HEAD_DIM, L3, L0 + L1 + L2,
+                (t - T3) * BLOCK_N, Mask_row, Lq, Lk, scale,
+                BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, CAUSAL, HAS_MASK, INTERPRET)
 
 
 @triton.jit
 def _bwd_q_chunk(
-    dq, q, do, lse2, delta, row_ok, offs_m, start_m, Kb, Vb, sk, sv, Lc, koff, Mask_row, Lq, Lk, qk_scale,
+    dq, q, do, lse, delta, row_ok, offs_m, start_m, Kb, Vb, sk, sv, Lc, koff, Mask_row, Lq, Lk, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, INTERPRET: tl.constexpr,
 ):
@@ -254,11 +278,10 @@ def _bwd_q_chunk(
         nmask = n < Lc
         k = tl.load(Kb + n[:, None] * sk + offs_d[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
         vT = tl.load(Vb + n[None, :] * sv + offs_d[:, None], mask=nmask[None, :] & dmask[:, None], other=0.0)
-        s = _dot(q, tl.trans(k), INTERPRET) * qk_scale
         allowed = _key_ok(Mask_row, koff, n, Lc, HAS_MASK)[None, :] & row_ok[:, None]
         if CAUSAL:
             allowed = allowed & ((koff + n)[None, :] <= offs_m[:, None] + (Lk - Lq))
-        p = tl.where(allowed, tl.exp2(tl.where(allowed, s, 0.0) - lse2[:, None]), 0.0)
+        p = _probs(_dot(q, tl.trans(k), INTERPRET), lse[:, None], allowed, scale)
         dp = _dot(do, vT, INTERPRET)
         ds = p * (dp - delta[:, None])
         dq += _dot(_cast(ds, k.dtype, INTERPRET), k, INTERPRET)
@@ -272,16 +295,21 @@ def _attn_bwd_q(
     K1, V1, sk1b, sk1h, sk1n, sv1b, sv1h, sv1n, L1,
     K2, V2, sk2b, sk2h, sk2n, sv2b, sv2h, sv2n, L2,
     K3, V3, sk3b, sk3h, sk3n, sv3b, sv3h, sv3n, L3,
-    Mask, H, Lq, Lk, qk_scale, scale,
+    Mask, H, Lq, Lk, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
     NUM_CHUNKS: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, INTERPRET: tl.constexpr,
+    ROW64: tl.constexpr,
 ):
+    # dQ of one query tile, looping over every chunk's key tiles
     pid = tl.program_id(0)
     num_m = tl.cdiv(Lq, BLOCK_M)
     start_m = (pid % num_m) * BLOCK_M
     bh = (pid // num_m).to(tl.int64)
     b = bh // H
     h = bh % H
+    if ROW64:  # some row offset passes 2**31 elements
+        sqm, sdom, sk0n, sk1n, sk2n, sk3n = _i64(sqm), _i64(sdom), _i64(sk0n), _i64(sk1n), _i64(sk2n), _i64(sk3n)
+        sv0n, sv1n, sv2n, sv3n = _i64(sv0n), _i64(sv1n), _i64(sv2n), _i64(sv3n)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mmask = offs_m < Lq
@@ -291,24 +319,31 @@ def _attn_bwd_q(
     lse = tl.load(Lse + bh * Lq + offs_m, mask=mmask, other=float("-inf"))
     delta = tl.load(Delta + bh * Lq + offs_m, mask=mmask, other=0.0)
     row_ok = lse != float("-inf")
-    lse2 = tl.where(row_ok, lse * _LOG2E, 0.0)
+    lse = tl.where(row_ok, lse, 0.0)
     Mask_row = Mask + b * Lk
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    dq = _bwd_q_chunk(dq, q, do, lse2, delta, row_ok, offs_m, start_m, K0 + b * sk0b + h * sk0h, V0 + b * sv0b + h * sv0h, sk0n, sv0n, L0, 0,
-                      Mask_row, Lq, Lk, qk_scale, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, CAUSAL, HAS_MASK, INTERPRET)
+    dq = _bwd_q_chunk(
+        dq, q, do, lse, delta, row_ok, offs_m, start_m, K0 + b * sk0b + h * sk0h, V0 + b * sv0b + h * sv0h,
+        sk0n, sv0n, L0, 0, Mask_row, Lq, Lk, scale,
+        BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, CAUSAL, HAS_MASK, INTERPRET)
     if NUM_CHUNKS > 1:
-            dq = _bwd_q_chunk(dq, q, do, lse2, delta, row_ok, offs_m, start_m, K1 + b * sk1b + h * sk1h, V1 + b * sv1b + h * sv1h, sk1n, sv1n, L1, L0,
-                          Mask_row, Lq, Lk, qk_scale, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, CAUSAL, HAS_MASK, INTERPRET)
+        dq = _bwd_q_chunk(
+            dq, q, do, lse, delta, row_ok, offs_m, start_m, K1 + b * sk1b + h * sk1h, V1 + b * sv1b + h * sv1h,
+            sk1n, sv1n, L1, L0, Mask_row, Lq, Lk, scale,
+            BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, CAUSAL, HAS_MASK, INTERPRET)
     if NUM_CHUNKS > 2:
-            dq = _bwd_q_chunk(dq, q, do, lse2, delta, row_ok, offs_m, start_m, K2 + b * sk2b + h * sk2h, V2 + b * sv2b + h * sv2h, sk2n, sv2n, L2,
-                          L0 + L1, Mask_row, Lq, Lk, qk_scale, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, CAUSAL, HAS_MASK, INTERPRET)
+        dq = _bwd_q_chunk(
+            dq, q, do, lse, delta, row_ok, offs_m, start_m, K2 + b * sk2b + h * sk2h, V2 + b * sv2b + h * sv2h,
+            sk2n, sv2n, L2, L0 + L1, Mask_row, Lq, Lk, scale,
+            BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, CAUSAL, HAS_MASK, INTERPRET)
     if NUM_CHUNKS > 3:
-            dq = _bwd_q_chunk(dq, q, do, lse2, delta, row_ok, offs_m, start_m, K3 + b * sk3b + h * sk3h, V3 + b * sv3b + h * sv3h, sk3n, sv3n, L3,
-                          L0 + L1 + L2, Mask_row, Lq, Lk, qk_scale, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, CAUSAL, HAS_MASK, INTERPRET)
+        dq = _bwd_q_chunk(
+            dq, q, do, lse, delta, row_ok, offs_m, start_m, K3 + b * sk3b + h * sk3h, V3 + b * sv3b + h * sv3h,
+            sk3n, sv3n, L3, L0 + L1 + L2, Mask_row, Lq, Lk, scale,
+            BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, CAUSAL, HAS_MASK, INTERPRET)
     dq = dq * scale
     tl.store(DQ + bh * Lq * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
              _cast(dq, DQ.dtype.element_ty, INTERPRET), mask=md_mask)
-
 
 
 def _interpreted() -> bool:
@@ -333,6 +368,10 @@ def _blocks(kernel: str, D: int, dtype: torch.dtype):
     return (64, 32, 8, 2) if big else (64, 64, 4, 2)
 
 
+# row offsets (index * row stride within one batch and head) are int32 up to this, int64 beyond
+_INT32_LIMIT = 2**31
+
+
 def _check(q, ks, vs, key_padding_mask, *more):
     assert q.dim() == 4 and q.dtype in _DTYPES, (q.shape, q.dtype)
     B, H, Lq, D = q.shape
@@ -345,7 +384,7 @@ def _check(q, ks, vs, key_padding_mask, *more):
     for t in (q, *ks, *vs, *more):
         assert t.dtype == q.dtype and t.device == q.device and t.stride(-1) == 1
     Lk = sum(k.shape[2] for k in ks)
-    assert Lk >= 1
+    assert Lk >= 1 and max(Lq, Lk) * D < 2**31  # output offsets stay int32
     if key_padding_mask is not None:
         m = key_padding_mask
         assert m.dtype == torch.bool and m.shape == (B, Lk) and m.is_contiguous(), m.shape
@@ -354,8 +393,8 @@ def _check(q, ks, vs, key_padding_mask, *more):
 
 
 def _chunk_args(ks, vs, dks=None, dvs=None):
-    """(number of non-empty chunks, kernel arguments of MAX_CHUNKS slots). Empty chunks are
-    dropped; unused slots repeat the first chunk with length 0 and are compiled out."""
+    """(number of non-empty chunks, their lengths, kernel arguments for MAX_CHUNKS slots).
+    Empty chunks are dropped; unused slots repeat the first chunk with length 0 (compiled out)."""
     live = [i for i, k in enumerate(ks) if k.shape[2] > 0]
     args = []
     for c in range(MAX_CHUNKS):
@@ -369,30 +408,38 @@ def _chunk_args(ks, vs, dks=None, dvs=None):
     return len(live), [ks[i].shape[2] for i in live], args
 
 
+def _meta(q, ks, vs, key_padding_mask, causal, n_chunks, *more):
+    rows = (t.shape[2] * t.stride(2) for t in (q, *ks, *vs, *more))
+    return dict(
+        BLOCK_D=max(16, triton.next_power_of_2(q.shape[3])), HEAD_DIM=q.shape[3], NUM_CHUNKS=n_chunks,
+        CAUSAL=bool(causal), HAS_MASK=key_padding_mask is not None, INTERPRET=_interpreted(),
+        ROW64=max(rows) >= _INT32_LIMIT,
+    )
+
+
+def _mask_arg(q, key_padding_mask):
+    return q if key_padding_mask is None else key_padding_mask.view(torch.uint8)
+
+
 def attention_fwd(q, ks, vs, key_padding_mask, causal: bool, scale: float):
     """Returns ``(out [B,H,Lq,D] in q's dtype, lse float32 [B,H,Lq])``; see the module doc."""
     B, H, Lq, D, Lk = _check(q, ks, vs, key_padding_mask)
     out = torch.empty(B, H, Lq, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
     n, _, chunk_args = _chunk_args(ks, vs)
-    has_mask = key_padding_mask is not None
-    mask = key_padding_mask.view(torch.uint8) if has_mask else q
     BLOCK_M, BLOCK_N, warps, stages = _blocks("fwd", D, q.dtype)
-    grid = (triton.cdiv(Lq, BLOCK_M) * B * H,)
-    _attn_fwd[grid](
+    _attn_fwd[(triton.cdiv(Lq, BLOCK_M) * B * H,)](
         q, q.stride(0), q.stride(1), q.stride(2), *chunk_args,
-        mask, out, lse, H, Lq, Lk, float(scale) * _LOG2E.value,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(D)), HEAD_DIM=D,
-        NUM_CHUNKS=n, CAUSAL=bool(causal), HAS_MASK=has_mask,
-        INTERPRET=_interpreted(),
-        num_warps=warps, num_stages=stages,
+        _mask_arg(q, key_padding_mask), out, lse, H, Lq, Lk, float(scale) * _LOG2E.value,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=warps, num_stages=stages,
+        **_meta(q, ks, vs, key_padding_mask, causal, n),
     )
     return out, lse
 
 
 def attention_bwd(q, ks, vs, key_padding_mask, causal, scale, out, lse, dout, delta):
     """Returns ``(dq, dks, dvs)``, contiguous, in q's dtype; ``delta = rowsum(dout*out) - g_lse``
-    comes from the caller. ``out`` is not read (``delta`` already holds what it contributes)."""
+    comes from the caller, so ``out`` itself is not read."""
     B, H, Lq, D, Lk = _check(q, ks, vs, key_padding_mask, dout)
     assert out.shape == dout.shape == q.shape
     for t in (lse, delta):
@@ -402,24 +449,19 @@ def attention_bwd(q, ks, vs, key_padding_mask, causal, scale, out, lse, dout, de
     dvs = [torch.empty(v.shape, dtype=q.dtype, device=q.device) for v in vs]
     n, lengths, kv_args = _chunk_args(ks, vs, dks, dvs)
     _, _, q_args = _chunk_args(ks, vs)
-    has_mask = key_padding_mask is not None
-    mask = key_padding_mask.view(torch.uint8) if has_mask else q
-    common = dict(
-        BLOCK_D=max(16, triton.next_power_of_2(D)), HEAD_DIM=D, NUM_CHUNKS=n, CAUSAL=bool(causal),
-        HAS_MASK=has_mask, INTERPRET=_interpreted(),
-    )
-    scales = (float(scale) * _LOG2E.value, float(scale))
-    qd = (q, q.stride(0), q.stride(1), q.stride(2), dout, dout.stride(0), dout.stride(1), dout.stride(2))
+    meta = _meta(q, ks, vs, key_padding_mask, causal, n, dout)
+    mask = _mask_arg(q, key_padding_mask)
+    qdo = (q, q.stride(0), q.stride(1), q.stride(2), dout, dout.stride(0), dout.stride(1), dout.stride(2))
 
     BLOCK_M, BLOCK_N, warps, stages = _blocks("kv", D, q.dtype)
     tiles = sum(triton.cdiv(L, BLOCK_N) for L in lengths)
     _attn_bwd_kv[(tiles * B * H,)](
-        *qd, lse, delta, *kv_args, mask, H, Lq, Lk, *scales,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=warps, num_stages=stages, **common,
+        *qdo, lse, delta, *kv_args, mask, H, Lq, Lk, float(scale),
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=warps, num_stages=stages, **meta,
     )
     BLOCK_M, BLOCK_N, warps, stages = _blocks("q", D, q.dtype)
     _attn_bwd_q[(triton.cdiv(Lq, BLOCK_M) * B * H,)](
-        *qd, lse, delta, dq, *q_args, mask, H, Lq, Lk, *scales,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=warps, num_stages=stages, **common,
+        *qdo, lse, delta, dq, *q_args, mask, H, Lq, Lk, float(scale),
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=warps, num_stages=stages, **meta,
     )
     return dq, dks, dvs
