@@ -16,12 +16,13 @@ namespace sbt {
 namespace attention {
 namespace {
 
-// Same shape, dtype and device as q, with unit stride along D.
+// [B, H, L, D] with q's B, H, D (and L unless L < 0), dtype and device, unit stride along D.
 void check_like_q(const at::Tensor& t, const at::Tensor& q, const char* op, const std::string& name,
                   int64_t L) {
   TORCH_CHECK_VALUE(t.dim() == 4 && t.size(0) == q.size(0) && t.size(1) == q.size(1) &&
                         t.size(3) == q.size(3) && (L < 0 || t.size(2) == L),
-                    op, ": ", name, " must be [B, H, L, D] matching q ", q.sizes(), ", got ",
+                    op, ": ", name, " must be [B, H, L, D] = [", q.size(0), ", ", q.size(1), ", ",
+                    L < 0 ? std::string("L") : std::to_string(L), ", ", q.size(3), "], got ",
                     t.sizes());
   TORCH_CHECK_VALUE(t.scalar_type() == q.scalar_type(), op, ": ", name, " has dtype ",
                     t.scalar_type(), " but q has ", q.scalar_type());

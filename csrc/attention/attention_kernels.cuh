@@ -613,8 +613,8 @@ void dispatch(at::ScalarType dtype, int64_t D, F&& f) {
   }
 }
 
-// Pointers and strides of already-checked inputs. Backward-only fields stay null when the
-// corresponding tensors are undefined.
+// Pointers and strides of already-checked inputs; set_forward_outputs / set_backward_args add
+// the rest.
 template <typename T>
 Params<T> make_params(const at::Tensor& q, const std::vector<at::Tensor>& ks,
                       const std::vector<at::Tensor>& vs, const c10::optional<at::Tensor>& mask,

@@ -56,10 +56,11 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const std::vector<at
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> bwd(
     const at::Tensor& q, const std::vector<at::Tensor>& ks, const std::vector<at::Tensor>& vs,
-    const c10::optional<at::Tensor>& mask, bool causal, double scale, const at::Tensor& lse,
-    const at::Tensor& dout, const at::Tensor& delta) {
+    const c10::optional<at::Tensor>& mask, bool causal, double scale, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& dout, const at::Tensor& delta) {
   check(q, ks, vs);
-  TORCH_CHECK(dout.sizes() == q.sizes() && dout.stride(3) == 1 && dout.scalar_type() == q.scalar_type());
+  TORCH_CHECK(out.sizes() == q.sizes() && dout.sizes() == q.sizes() && dout.stride(3) == 1 &&
+              dout.scalar_type() == q.scalar_type());
   TORCH_CHECK(lse.is_contiguous() && delta.is_contiguous() && lse.scalar_type() == at::kFloat &&
               delta.scalar_type() == at::kFloat);
   auto dq = nan_like(q.sizes(), q.options());

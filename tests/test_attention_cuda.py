@@ -1,0 +1,102 @@
+"""The CUDA attention kernels on a GPU, called as torch.ops.selfboottok.attention_{fwd,bwd}_kernel:
+the checks of tests/test_attention_cuda_emu.py (float64 reference, FlashAttention's error rule,
+exact zeros for rows without keys and unseen keys) on its shapes and larger ones, plus argument
+errors, run-to-run determinism and a grid with more than 65535 heads. Needs no POT."""
+
+import pytest
+import torch
+
+from test_attention_cuda_emu import CASES, case_id, check_case
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+# (B, H, Lq, chunk lengths, D, mask, causal, layout)
+GPU_CASES = CASES + [
+    (2, 4, 1024, [1024], 128, None, True, "strided"),
+    (2, 3, 777, [300, 0, 477], 64, "random", True, "strided"),
+    (2, 8, 256, [513], 32, "empty_row", False, "contiguous"),
+    (4, 2, 100, [1000], 72, "random", False, "misaligned"),
+    (2, 2, 600, [100, 100], 40, None, True, "contiguous"),  # Lq > Lk
+    (1, 2, 200, [64, 64, 64, 64], 128, "random", True, "misaligned"),
+    (3, 2, 129, [129], 16, None, False, "strided"),
+    (2, 2, 1, [300], 96, "random", False, "strided"),
+]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(scope="module")
+def ops():
+    from selfboottok.ops import _backend
+
+    ext, why = _backend.extension()
+    if ext is None:
+        pytest.skip(f"no selfboottok._C: {why}")
+    if not ext.cuda_compiled():
+        pytest.skip("selfboottok._C was built without CUDA")
+    return torch.ops.selfboottok.attention_fwd_kernel, torch.ops.selfboottok.attention_bwd_kernel
+
+
+@pytest.mark.parametrize("case", GPU_CASES, ids=case_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_reference(ops, gen, case, dtype):
+    check_case(*ops, gen, case, dtype, device="cuda")
+    torch.cuda.synchronize()
+
+
+def _inputs(gen, B, H, Lq, Lk, D, dtype=torch.float16):
+    q, k, v, dout = (torch.randn(B, H, L, D, generator=gen).to("cuda", dtype) for L in (Lq, Lk, Lk, Lq))
+    return q, k, v, dout
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_deterministic(ops, gen, dtype):
+    fwd, bwd = ops
+    q, k, v, dout = _inputs(gen, 2, 4, 300, 301, 64, dtype)
+    mask = torch.rand(2, 301, generator=gen).cuda() > 0.2
+    runs = []
+    for _ in range(2):
+        out, lse = fwd(q, [k[:, :, :100], k[:, :, 100:]], [v[:, :, :100], v[:, :, 100:]], mask, True, 0.125)
+        delta = (dout.float() * out.float()).sum(-1)
+        dq, dk, dv = bwd(q, [k], [v], mask, True, 0.125, out, lse, dout, delta)
+        runs.append([out, lse, dq, *dk, *dv])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_more_than_65535_heads(ops, gen):
+    fwd, bwd = ops
+    q, k, v, dout = _inputs(gen, 1100, 64, 3, 5, 8, torch.float32)
+    out, lse = fwd(q, [k], [v], None, False, 0.5)
+    ref = torch.softmax((q @ k.transpose(-1, -2)) * 0.5, -1) @ v
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, torch.logsumexp((q @ k.transpose(-1, -2)) * 0.5, -1))
+    delta = (dout * out).sum(-1)
+    dq, dk, dv = bwd(q, [k], [v], None, False, 0.5, out, lse, dout, delta)
+    assert torch.isfinite(dq).all() and torch.isfinite(dk[0]).all()
+    torch.testing.assert_close(dv[0], torch.softmax((q @ k.transpose(-1, -2)) * 0.5, -1).transpose(-1, -2) @ dout,
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_bad_arguments(ops, gen):
+    fwd, bwd = ops
+    q, k, v, _ = _inputs(gen, 2, 2, 5, 7, 16)
+
+    def raises(match, *args):
+        with pytest.raises(ValueError, match=match):
+            fwd(*args)
+
+    raises("head dim", q[..., :12], [k[..., :12]], [v[..., :12]], None, False, 1.0)
+    raises("1 to 4 chunks", q, [k] * 5, [v] * 5, None, False, 1.0)
+    raises("k has 2 chunks but v has 1", q, [k, k], [v], None, False, 1.0)
+    raises(r"v\[0\] must be \[B, H, L, D\] = \[2, 2, 7, 16\]", q, [k], [v[:, :, :3]], None, False, 1.0)
+    raises(r"k\[0\] has dtype", q, [k.float()], [v], None, False, 1.0)
+    raises("float32, float16 or bfloat16", q.double(), [k.double()], [v.double()], None, False, 1.0)
+    raises(r"k\[0\] is on cpu", q, [k.cpu()], [v], None, False, 1.0)
+    raises("stride 1 along D", q, [k.transpose(-1, -2).contiguous().transpose(-1, -2)], [v], None, False, 1.0)
+    raises("key_padding_mask must be", q, [k], [v], torch.ones(2, 6, dtype=torch.bool, device="cuda"), False, 1.0)
+    raises("key_padding_mask must be bool", q, [k], [v], torch.ones(2, 7, device="cuda"), False, 1.0)
+    out, lse = fwd(q, [k], [v], None, False, 1.0)
+    with pytest.raises(ValueError, match="delta must be"):
+        bwd(q, [k], [v], None, False, 1.0, out, lse, out, lse[:, :, :2])
+    with pytest.raises(ValueError, match="lse must be float32"):
+        bwd(q, [k], [v], None, False, 1.0, out, lse.half(), out, lse)
