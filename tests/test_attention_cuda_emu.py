@@ -40,7 +40,10 @@ CASES = [
     (2, 1, 70, [16, 1, 47, 3], 128, "empty_row", False, "misaligned"),  # two query tiles
     (1, 1, 9, [70, 0], 8, None, True, "strided"),  # two key tiles of one chunk
     (1, 1, 130, [130], 64, None, True, "contiguous"),  # the diagonal crosses tiles
+    (2, 2, 21, [7, 30], 24, "random", False, "mixed"),
 ]
+# layouts of q, k, v, dout for the "mixed" case
+MIXED = {"q": "strided", "k": "contiguous", "v": "misaligned", "dout": "misaligned"}
 
 
 @pytest.fixture(scope="module")
@@ -115,9 +118,10 @@ def check_case(fwd, bwd, gen, case, dtype, device="cpu"):
     base, _ = reference(q, k, v, mask, causal, scale, dout, glse, False)
 
     cuts = torch.tensor([0] + lens).cumsum(0).tolist()
-    ks = [layout(k[:, :, a:b], kind, device) for a, b in zip(cuts, cuts[1:])]
-    vs = [layout(v[:, :, a:b], kind, device) for a, b in zip(cuts, cuts[1:])]
-    qs, dos = layout(q, kind, device), layout(dout.to(dtype), kind, device)
+    kinds = MIXED if kind == "mixed" else dict.fromkeys(MIXED, kind)
+    ks = [layout(k[:, :, a:b], kinds["k"], device) for a, b in zip(cuts, cuts[1:])]
+    vs = [layout(v[:, :, a:b], kinds["v"], device) for a, b in zip(cuts, cuts[1:])]
+    qs, dos = layout(q, kinds["q"], device), layout(dout.to(dtype), kinds["dout"], device)
     out, lse = fwd(qs, ks, vs, mask, causal, scale)
     delta = (dos.float() * out.float()).sum(-1) - glse.float()
     dq, dks, dvs = bwd(qs, ks, vs, mask, causal, scale, out, lse, dos, delta)
