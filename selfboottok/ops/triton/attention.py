@@ -66,10 +66,10 @@ def _causal_hi(Lc, koff, start_m, Lq, Lk, BLOCK_M: tl.constexpr, CAUSAL: tl.cons
 
 
 @triton.jit
-def _probs(s, lse, allowed, scale):
-    # P = exp(scale*s - lse). The difference is formed in natural units and only then scaled by
-    # log2(e): rounding a base-2 lse (|lse| * log2(e)) would cost P several ulps in fp32.
-    return tl.exp2(tl.where(allowed, s * scale - lse, float("-inf")) * _LOG2E)
+def _probs(s, lse2, allowed, qk_scale):
+    # P = exp(scale*s - lse) in base 2 as in the forward (same qk_scale), which in fp32 stays
+    # closer to the forward's P, and so to delta, than forming the difference in natural units
+    return tl.exp2(tl.where(allowed, s * qk_scale - lse2, float("-inf")))
 
 
 @triton.jit
@@ -123,7 +123,8 @@ def _attn_fwd(
     b = bh // H
     h = bh % H
     if ROW64:  # some row offset passes 2**31 elements
-        sqm, sk0n, sk1n, sk2n, sk3n = _i64(sqm), _i64(sk0n), _i64(sk1n), _i64(sk2n), _i64(sk3n)
+        sqm = _i64(sqm)
+        sk0n, sk1n, sk2n, sk3n = _i64(sk0n), _i64(sk1n), _i64(sk2n), _i64(sk3n)
         sv0n, sv1n, sv2n, sv3n = _i64(sv0n), _i64(sv1n), _i64(sv2n), _i64(sv3n)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -164,7 +165,7 @@ def _attn_fwd(
 @triton.jit
 def _bwd_kv_tile(
     Qb, sqm, DOb, sdom, Lse_bh, Delta_bh, Kb, Vb, sk, sv, DKb, DVb, Lc, koff, start_n, Mask_row,
-    Lq, Lk, scale,
+    Lq, Lk, qk_scale, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, INTERPRET: tl.constexpr,
 ):
@@ -187,14 +188,16 @@ def _bwd_kv_tile(
         m = start_m + offs_m
         mmask = m < Lq
         qT = tl.load(Qb + m[None, :] * sqm + offs_d[:, None], mask=mmask[None, :] & dmask[:, None], other=0.0)
-        do = tl.load(DOb + m[:, None] * sdom + offs_d[None, :], mask=mmask[:, None] & dmask[None, :], other=0.0)
+        do = tl.load(DOb + m[:, None] * sdom + offs_d[None, :], mask=mmask[:, None] & dmask[None, :],
+                     other=0.0)
         lse = tl.load(Lse_bh + m, mask=mmask, other=float("-inf"))
         delta = tl.load(Delta_bh + m, mask=mmask, other=0.0)
         row_ok = lse != float("-inf")
         allowed = key_ok[:, None] & row_ok[None, :]
         if CAUSAL:
             allowed = allowed & ((koff + offs_n)[:, None] <= m[None, :] + (Lk - Lq))
-        pT = _probs(_dot(k, qT, INTERPRET), tl.where(row_ok, lse, 0.0)[None, :], allowed, scale)
+        lse2 = tl.where(row_ok, lse * _LOG2E, 0.0)
+        pT = _probs(_dot(k, qT, INTERPRET), lse2[None, :], allowed, qk_scale)
         dv += _dot(_cast(pT, do.dtype, INTERPRET), do, INTERPRET)
         dpT = _dot(v, tl.trans(do), INTERPRET)
         dsT = pT * (dpT - delta[None, :])
@@ -212,7 +215,7 @@ def _attn_bwd_kv(
     K1, V1, DK1, DV1, sk1b, sk1h, sk1n, sv1b, sv1h, sv1n, L1,
     K2, V2, DK2, DV2, sk2b, sk2h, sk2n, sv2b, sv2h, sv2n, L2,
     K3, V3, DK3, DV3, sk3b, sk3h, sk3n, sv3b, sv3h, sv3n, L3,
-    Mask, H, Lq, Lk, scale,
+    Mask, H, Lq, Lk, qk_scale, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
     NUM_CHUNKS: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, INTERPRET: tl.constexpr,
     ROW64: tl.constexpr,
@@ -228,7 +231,8 @@ def _attn_bwd_kv(
     b = bh // H
     h = bh % H
     if ROW64:  # some row offset passes 2**31 elements
-        sqm, sdom, sk0n, sk1n, sk2n, sk3n = _i64(sqm), _i64(sdom), _i64(sk0n), _i64(sk1n), _i64(sk2n), _i64(sk3n)
+        sqm, sdom = _i64(sqm), _i64(sdom)
+        sk0n, sk1n, sk2n, sk3n = _i64(sk0n), _i64(sk1n), _i64(sk2n), _i64(sk3n)
         sv0n, sv1n, sv2n, sv3n = _i64(sv0n), _i64(sv1n), _i64(sv2n), _i64(sv3n)
     Qb = Q + b * sqb + h * sqh
     DOb = DO + b * sdob + h * sdoh
@@ -237,35 +241,36 @@ def _attn_bwd_kv(
     Mask_row = Mask + b * Lk
     if t < T1:
         _bwd_kv_tile(
-            Qb, sqm, DOb, sdom, Lse_bh, Delta_bh, K0 + b * sk0b + h * sk0h, V0 + b * sv0b + h * sv0h, sk0n, sv0n,
-            DK0 + bh * L0 * HEAD_DIM, DV0 + bh * L0 * HEAD_DIM, L0, 0, t * BLOCK_N, Mask_row, Lq, Lk, scale,
+            Qb, sqm, DOb, sdom, Lse_bh, Delta_bh, K0 + b * sk0b + h * sk0h, V0 + b * sv0b + h * sv0h,
+            sk0n, sv0n, DK0 + bh * L0 * HEAD_DIM, DV0 + bh * L0 * HEAD_DIM, L0, 0, t * BLOCK_N,
+            Mask_row, Lq, Lk, qk_scale, scale,
             BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, CAUSAL, HAS_MASK, INTERPRET)
     if NUM_CHUNKS > 1:
         if (t >= T1) & (t < T2):
             _bwd_kv_tile(
                 Qb, sqm, DOb, sdom, Lse_bh, Delta_bh, K1 + b * sk1b + h * sk1h, V1 + b * sv1b + h * sv1h,
                 sk1n, sv1n, DK1 + bh * L1 * HEAD_DIM, DV1 + bh * L1 * HEAD_DIM, L1, L0, (t - T1) * BLOCK_N,
-                Mask_row, Lq, Lk, scale,
+                Mask_row, Lq, Lk, qk_scale, scale,
                 BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, CAUSAL, HAS_MASK, INTERPRET)
     if NUM_CHUNKS > 2:
         if (t >= T2) & (t < T3):
             _bwd_kv_tile(
                 Qb, sqm, DOb, sdom, Lse_bh, Delta_bh, K2 + b * sk2b + h * sk2h, V2 + b * sv2b + h * sv2h,
-                sk2n, sv2n, DK2 + bh * L2 * HEAD_DIM, DV2 + bh * L2 * HEAD_DIM, L2, L0 + L1, (t - T2) * BLOCK_N,
-                Mask_row, Lq, Lk, scale,
+                sk2n, sv2n, DK2 + bh * L2 * HEAD_DIM, DV2 + bh * L2 * HEAD_DIM, L2, L0 + L1,
+                (t - T2) * BLOCK_N, Mask_row, Lq, Lk, qk_scale, scale,
                 BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, CAUSAL, HAS_MASK, INTERPRET)
     if NUM_CHUNKS > 3:
         if t >= T3:
             _bwd_kv_tile(
                 Qb, sqm, DOb, sdom, Lse_bh, Delta_bh, K3 + b * sk3b + h * sk3h, V3 + b * sv3b + h * sv3h,
                 sk3n, sv3n, DK3 + bh * L3 * HEAD_DIM, DV3 + bh * L3 * HEAD_DIM, L3, L0 + L1 + L2,
-                (t - T3) * BLOCK_N, Mask_row, Lq, Lk, scale,
+                (t - T3) * BLOCK_N, Mask_row, Lq, Lk, qk_scale, scale,
                 BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, CAUSAL, HAS_MASK, INTERPRET)
 
 
 @triton.jit
 def _bwd_q_chunk(
-    dq, q, do, lse, delta, row_ok, offs_m, start_m, Kb, Vb, sk, sv, Lc, koff, Mask_row, Lq, Lk, scale,
+    dq, q, do, lse2, delta, row_ok, offs_m, start_m, Kb, Vb, sk, sv, Lc, koff, Mask_row, Lq, Lk, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, INTERPRET: tl.constexpr,
 ):
@@ -281,7 +286,7 @@ def _bwd_q_chunk(
         allowed = _key_ok(Mask_row, koff, n, Lc, HAS_MASK)[None, :] & row_ok[:, None]
         if CAUSAL:
             allowed = allowed & ((koff + n)[None, :] <= offs_m[:, None] + (Lk - Lq))
-        p = _probs(_dot(q, tl.trans(k), INTERPRET), lse[:, None], allowed, scale)
+        p = _probs(_dot(q, tl.trans(k), INTERPRET), lse2[:, None], allowed, qk_scale)
         dp = _dot(do, vT, INTERPRET)
         ds = p * (dp - delta[:, None])
         dq += _dot(_cast(ds, k.dtype, INTERPRET), k, INTERPRET)
@@ -295,7 +300,7 @@ def _attn_bwd_q(
     K1, V1, sk1b, sk1h, sk1n, sv1b, sv1h, sv1n, L1,
     K2, V2, sk2b, sk2h, sk2n, sv2b, sv2h, sv2n, L2,
     K3, V3, sk3b, sk3h, sk3n, sv3b, sv3h, sv3n, L3,
-    Mask, H, Lq, Lk, scale,
+    Mask, H, Lq, Lk, qk_scale, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
     NUM_CHUNKS: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, INTERPRET: tl.constexpr,
     ROW64: tl.constexpr,
@@ -308,7 +313,8 @@ def _attn_bwd_q(
     b = bh // H
     h = bh % H
     if ROW64:  # some row offset passes 2**31 elements
-        sqm, sdom, sk0n, sk1n, sk2n, sk3n = _i64(sqm), _i64(sdom), _i64(sk0n), _i64(sk1n), _i64(sk2n), _i64(sk3n)
+        sqm, sdom = _i64(sqm), _i64(sdom)
+        sk0n, sk1n, sk2n, sk3n = _i64(sk0n), _i64(sk1n), _i64(sk2n), _i64(sk3n)
         sv0n, sv1n, sv2n, sv3n = _i64(sv0n), _i64(sv1n), _i64(sv2n), _i64(sv3n)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -319,27 +325,31 @@ def _attn_bwd_q(
     lse = tl.load(Lse + bh * Lq + offs_m, mask=mmask, other=float("-inf"))
     delta = tl.load(Delta + bh * Lq + offs_m, mask=mmask, other=0.0)
     row_ok = lse != float("-inf")
-    lse = tl.where(row_ok, lse, 0.0)
+    lse2 = tl.where(row_ok, lse * _LOG2E, 0.0)
     Mask_row = Mask + b * Lk
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _bwd_q_chunk(
-        dq, q, do, lse, delta, row_ok, offs_m, start_m, K0 + b * sk0b + h * sk0h, V0 + b * sv0b + h * sv0h,
-        sk0n, sv0n, L0, 0, Mask_row, Lq, Lk, scale,
+        dq, q, do, lse2, delta, row_ok, offs_m, start_m,
+        K0 + b * sk0b + h * sk0h, V0 + b * sv0b + h * sv0h,
+        sk0n, sv0n, L0, 0, Mask_row, Lq, Lk, qk_scale,
         BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, CAUSAL, HAS_MASK, INTERPRET)
     if NUM_CHUNKS > 1:
         dq = _bwd_q_chunk(
-            dq, q, do, lse, delta, row_ok, offs_m, start_m, K1 + b * sk1b + h * sk1h, V1 + b * sv1b + h * sv1h,
-            sk1n, sv1n, L1, L0, Mask_row, Lq, Lk, scale,
+            dq, q, do, lse2, delta, row_ok, offs_m, start_m,
+            K1 + b * sk1b + h * sk1h, V1 + b * sv1b + h * sv1h,
+            sk1n, sv1n, L1, L0, Mask_row, Lq, Lk, qk_scale,
             BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, CAUSAL, HAS_MASK, INTERPRET)
     if NUM_CHUNKS > 2:
         dq = _bwd_q_chunk(
-            dq, q, do, lse, delta, row_ok, offs_m, start_m, K2 + b * sk2b + h * sk2h, V2 + b * sv2b + h * sv2h,
-            sk2n, sv2n, L2, L0 + L1, Mask_row, Lq, Lk, scale,
+            dq, q, do, lse2, delta, row_ok, offs_m, start_m,
+            K2 + b * sk2b + h * sk2h, V2 + b * sv2b + h * sv2h,
+            sk2n, sv2n, L2, L0 + L1, Mask_row, Lq, Lk, qk_scale,
             BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, CAUSAL, HAS_MASK, INTERPRET)
     if NUM_CHUNKS > 3:
         dq = _bwd_q_chunk(
-            dq, q, do, lse, delta, row_ok, offs_m, start_m, K3 + b * sk3b + h * sk3h, V3 + b * sv3b + h * sv3h,
-            sk3n, sv3n, L3, L0 + L1 + L2, Mask_row, Lq, Lk, scale,
+            dq, q, do, lse2, delta, row_ok, offs_m, start_m,
+            K3 + b * sk3b + h * sk3h, V3 + b * sv3b + h * sv3h,
+            sk3n, sv3n, L3, L0 + L1 + L2, Mask_row, Lq, Lk, qk_scale,
             BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, CAUSAL, HAS_MASK, INTERPRET)
     dq = dq * scale
     tl.store(DQ + bh * Lq * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
@@ -456,12 +466,12 @@ def attention_bwd(q, ks, vs, key_padding_mask, causal, scale, out, lse, dout, de
     BLOCK_M, BLOCK_N, warps, stages = _blocks("kv", D, q.dtype)
     tiles = sum(triton.cdiv(L, BLOCK_N) for L in lengths)
     _attn_bwd_kv[(tiles * B * H,)](
-        *qdo, lse, delta, *kv_args, mask, H, Lq, Lk, float(scale),
+        *qdo, lse, delta, *kv_args, mask, H, Lq, Lk, float(scale) * _LOG2E.value, float(scale),
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=warps, num_stages=stages, **meta,
     )
     BLOCK_M, BLOCK_N, warps, stages = _blocks("q", D, q.dtype)
     _attn_bwd_q[(triton.cdiv(Lq, BLOCK_M) * B * H,)](
-        *qdo, lse, delta, dq, *q_args, mask, H, Lq, Lk, float(scale),
+        *qdo, lse, delta, dq, *q_args, mask, H, Lq, Lk, float(scale) * _LOG2E.value, float(scale),
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=warps, num_stages=stages, **meta,
     )
     return dq, dks, dvs
