@@ -65,8 +65,9 @@ def test_matches_reference(gen, backend, case, dtype):
         assert max_err(g, r) <= 2 * max_err(b, r) + floor, name
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b not in ("cuda", "triton")])
 def test_float64_exact(gen, backend):
+    """float64 is for references: only the cpu and torch backends take it."""
     q, k, v, mask = make(gen, 2, 2, 9, 23, 32, padded=True)
     dout = torch.randn(q.shape, generator=gen, dtype=torch.float64)
     ref = forward_backward(lambda *t: attention_reference(*t, mask, True), q, k, v, dout)
