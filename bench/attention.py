@@ -142,7 +142,7 @@ def run_pass(method, q, k, v, dout, backward):
 
 
 class Timer:
-    """Median seconds per call. CUDA: events around `inner` back-to-back calls, with `inner`
+    """Seconds per call, one entry per sample. CUDA: events around `inner` back-to-back calls, with `inner`
     chosen so one sample lasts at least `min_sample_s`. CPU: wall time of single calls."""
 
     def __init__(self, device, repeats, warmup, max_cell_s, min_sample_s=2e-3):
@@ -158,8 +158,7 @@ class Timer:
         t1, _ = timed(fn, 1, self.sync, warmup=max(self.warmup, 1))
         repeats = max(1, min(self.repeats, int(self.max_cell_s / max(t1, 1e-9))))
         if self.device != "cuda":
-            t, _ = timed(fn, repeats, self.sync, warmup=0)
-            return t, repeats, 1
+            return [timed(fn, 1, self.sync, warmup=0)[0] for _ in range(repeats)], 1
         inner = max(1, min(100, math.ceil(self.min_sample_s / max(t1, 1e-9))))
         times = []
         for _ in range(repeats):
@@ -170,7 +169,7 @@ class Timer:
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end) / 1e3 / inner)
-        return statistics.median(times), repeats, inner
+        return times, inner
 
 
 def rel_error(got, ref, rows_ok):
@@ -211,11 +210,15 @@ def main():
                         "GPU memory, or 50%% of available RAM)")
     p.add_argument("--include-interpreted", action="store_true",
                    help="also time the triton backend on CPU (Triton interpreter, very slow)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default torch's; 1 is steadier when other processes share the CPU)")
     p.add_argument("--no-check", action="store_true", help="skip the error check against float32")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args()
 
     device, dtype = args.device, DTYPES[args.dtype]
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch.cuda.is_available() is False")
     repeats = args.repeats if args.repeats is not None else (20 if device == "cuda" else 5)
@@ -256,8 +259,7 @@ def main():
         selfboottok_status={n: dict(available=ok, reason=r) for n, (ok, r) in attention_status(device).items()},
         excluded=excluded,
     )
-    if device == "cpu":
-        meta["load_average_1min_start"] = os.getloadavg()[0]  # other processes skew CPU times
+    others = OtherCpuUse() if device == "cpu" else None  # other processes skew CPU times
 
     rows = []
     for fam, (B, H, Lq, Lk, D) in shapes:
@@ -291,13 +293,39 @@ def main():
         write_results(args.out, "attention", machine, dict(meta=meta, rows=rows), table)
 
     meta["complete"] = True
-    if device == "cpu":
-        meta["load_average_1min_end"] = os.getloadavg()[0]
+    if others is not None:
+        meta["other_processes_cpu_share"] = others.share()
     table = markdown(meta, rows, [m.name for m in methods], excluded)
     print()
     print(table)
     json_path, md_path = write_results(args.out, "attention", machine, dict(meta=meta, rows=rows), table)
     print(f"\nwrote {json_path} and {md_path}")
+
+
+class OtherCpuUse:
+    """Share of the machine's CPU time (all cores) that other processes used since creation."""
+
+    def __init__(self):
+        self.start = self._read()
+
+    @staticmethod
+    def _read():
+        try:
+            with open("/proc/stat") as f:
+                ticks = [int(x) for x in f.readline().split()[1:]]
+        except OSError:
+            return None
+        busy = sum(ticks) - ticks[3] - ticks[4]  # minus idle and iowait
+        hz = os.sysconf("SC_CLK_TCK")
+        t = os.times()
+        return busy / hz, sum(ticks) / hz, t.user + t.system
+
+    def share(self):
+        end = self._read()
+        if self.start is None or end is None or end[1] <= self.start[1]:
+            return None
+        others = (end[0] - self.start[0]) - (end[2] - self.start[2])
+        return round(max(0.0, others) / (end[1] - self.start[1]), 3)
 
 
 def default_budget(device):
@@ -349,7 +377,7 @@ def run_cell(m, q, k, v, dout, backward, flops, budget, timer, refs, pass_name):
             if timer.device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
-            t, n_samples, inner = timer(lambda: run_pass(m, qm, km, vm, dm, backward))
+            times, inner = timer(lambda: run_pass(m, qm, km, vm, dm, backward))
             peak = (torch.cuda.max_memory_allocated() - base) / 1e9 if timer.device == "cuda" else None
     except Exception as e:  # a backend that does not support this shape/dtype/device
         msgs = [str(w.message) for w in caught]
@@ -363,8 +391,9 @@ def run_cell(m, q, k, v, dout, backward, flops, budget, timer, refs, pass_name):
         if timer.device == "cuda":
             torch.cuda.empty_cache()  # after an OOM, once the traceback's tensors are gone
         return failed
-    cell = dict(status="ok", ms=t * 1e3, tflops=flops / t / 1e12, samples=n_samples, inner=inner,
-                max_rel_error=None)
+    t = statistics.median(times)
+    cell = dict(status="ok", ms=t * 1e3, tflops=flops / t / 1e12, samples_ms=[round(x * 1e3, 4) for x in times],
+                inner=inner, max_rel_error=None)
     if need:
         cell["estimated_gb"] = round(need / 1e9, 3)
     if refs is not None:
@@ -396,11 +425,12 @@ def markdown(meta, rows, names, excluded):
     ours = [n for n in ran if n.startswith("selfboottok:")]
     size = ("**scaled down for CPU** (full shapes: local B=256 H=12 Lq=256, long B=4 H=16 L=4096)"
             if meta["scaled_down"] else "full shapes")
-    load = ""
-    if "load_average_1min_start" in meta:
-        load = f" (1-min load average {meta['load_average_1min_start']:.2f} at the start"
-        load += f", {meta['load_average_1min_end']:.2f} at the end)" if "load_average_1min_end" in meta else ")"
+    load, share = "", meta.get("other_processes_cpu_share")
+    if share is not None:
+        load = f"; other processes used {100 * share:.0f}% of this machine's CPU time during the run"
     lines = [] if meta["complete"] else ["**Incomplete: the run stopped before the last shape.**", ""]
+    if share is not None and share > 0.1:
+        lines += ["**Other processes were busy on this CPU during the run: times are inflated and noisy.**", ""]
     lines += [
         f"Attention, {meta['dtype']}, causal={meta['causal']}, {size}, on {meta['device_name']}; "
         f"torch {meta['torch']}, flash_attn {meta['flash_attn']}, {meta['date']}.",
