@@ -7,7 +7,6 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-import scipy.linalg
 import torch
 
 __all__ = ["frechet_distance", "feature_stats", "save_stats", "load_stats", "fid_from_features"]
@@ -26,6 +25,8 @@ def _f64(x, name) -> np.ndarray:
 
 
 def _sqrtm(a: np.ndarray) -> np.ndarray:
+    import scipy.linalg  # only this path needs scipy
+
     out = scipy.linalg.sqrtm(a)
     return out[0] if isinstance(out, tuple) else out  # older scipy with disp=False returns a pair
 
