@@ -147,18 +147,44 @@ def _cat(chunks):
     return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=2)
 
 
-def _sdpa_cpu(q, k, v, key_padding_mask, causal, scale):
+def _sdpa_bias(q, k, key_padding_mask, causal):
+    """PyTorch's CPU flash kernel takes masks as an additive bias in q's dtype; also returns
+    the rows that see no key (which that kernel leaves at lse = 0)."""
     B, _, Lq, _ = q.shape
     allowed = attention_allowed(key_padding_mask, causal, B, Lq, k.shape[2], q.device)
-    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
-    c = _lse_dtype(q.dtype)
-    s = (q.to(c) @ k.to(c).transpose(-1, -2)) * scale
-    if allowed is not None:
-        s = s.masked_fill(~allowed, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)
-    # SDPA gives NaN on rows with no allowed key
-    out = torch.where(torch.isfinite(lse)[..., None], out, 0.0)
+    if allowed is None:
+        return None, None
+    bias = torch.zeros(allowed.shape, dtype=q.dtype).masked_fill(~allowed, float("-inf"))
+    return bias, ~allowed.any(-1)
+
+
+def _sdpa_cpu(q, k, v, key_padding_mask, causal, scale):
+    bias, empty = _sdpa_bias(q, k, key_padding_mask, causal)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, False, attn_mask=bias, scale=scale
+    )
+    if empty is not None:
+        lse = lse.masked_fill(empty, float("-inf"))
+        out = out.masked_fill(empty[..., None], 0.0)
     return out, lse
+
+
+def _sdpa_cpu_backward(q, k, v, key_padding_mask, causal, scale, out, lse, dout, delta):
+    bias, _ = _sdpa_bias(q, k, key_padding_mask, causal)
+    # lse = 0 on empty rows: their scores are all -inf, so P = 0 there
+    finite_lse = torch.where(torch.isfinite(lse), lse, 0.0)
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        dout, q, k, v, out, finite_lse, 0.0, False, attn_mask=bias, scale=scale
+    )
+    # PyTorch's kernel forms delta = rowsum(dout * out) itself; a gradient of lse adds
+    # P * (that - delta), done by explicit math only when it is not zero
+    extra = (dout.to(lse.dtype) * out.to(lse.dtype)).sum(-1) - delta
+    if bool(extra.any()):
+        eq, ek, _ = attention_backward_reference(
+            q, k, v, key_padding_mask, causal, scale, lse, torch.zeros_like(dout), -extra
+        )
+        dq, dk = dq + eq, dk + ek
+    return dq, dk, dv
 
 
 @torch.library.custom_op("selfboottok::attention", mutates_args=())
@@ -222,9 +248,15 @@ def _attention_backward_op(
 
             dq, dk, dv = attention_bwd(q, k, v, key_padding_mask, causal, scale, out, lse, dout, delta)
         else:
-            dq, dk, dv = attention_backward_reference(
-                q, _cat(k), _cat(v), key_padding_mask, causal, scale, lse, dout, delta
-            )
+            kc, vc = _cat(k), _cat(v)
+            if backend == "cpu":
+                dq, dk, dv = _sdpa_cpu_backward(
+                    q, kc, vc, key_padding_mask, causal, scale, out, lse, dout, delta
+                )
+            else:
+                dq, dk, dv = attention_backward_reference(
+                    q, kc, vc, key_padding_mask, causal, scale, lse, dout, delta
+                )
             sizes = [c.shape[2] for c in k]
             dk, dv = dk.split(sizes, dim=2), dv.split(sizes, dim=2)
     return dq.contiguous(), [t.contiguous() for t in dk], [t.contiguous() for t in dv]
