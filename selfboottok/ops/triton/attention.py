@@ -360,22 +360,26 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# (BLOCK_M, BLOCK_N, num_warps) by (kernel, fp32, D > 64): the largest tiles (key tiles first for
+# "kv", query tiles first otherwise) that ptxas compiles for sm_90 without register spills in the
+# heaviest variant (4 chunks, mask, causal; the fp32 forward at D > 64 spills 4 bytes). fp32 runs
+# IEEE dots on CUDA cores, hence its small tiles. Not timed on hardware.
+_GPU_BLOCKS = {
+    ("fwd", False, False): (128, 64, 8), ("fwd", False, True): (64, 64, 4),
+    ("kv", False, False): (64, 128, 8), ("kv", False, True): (16, 64, 8),
+    ("q", False, False): (128, 32, 8), ("q", False, True): (64, 32, 4),
+    ("fwd", True, False): (16, 64, 4), ("fwd", True, True): (16, 64, 4),
+    ("kv", True, False): (32, 32, 8), ("kv", True, True): (32, 32, 8),
+    ("q", True, False): (32, 16, 8), ("q", True, True): (32, 16, 8),
+}
+
+
 def _blocks(kernel: str, D: int, dtype: torch.dtype):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for kernel "fwd", "kv" or "q"."""
-    # The interpreter costs ~2 ms per program plus per loop step, and 16 still leaves several
-    # tiles (and ragged ends) in small tests. On the GPU: FlashAttention-2-like tiles, the
-    # iterated side of the backward smaller; halved for D = 128 and for fp32, whose IEEE dots
-    # run on CUDA cores with twice the registers per element. Not tuned on hardware.
     if _interpreted():
+        # ~2 ms per program and per loop step; 16 still gives tests several tiles and ragged ends
         return 16, 16, 1, 1
-    big = D > 64
-    if dtype == torch.float32:
-        return 32, 32, 4, 2
-    if kernel == "fwd":
-        return (128, 64, 8, 3) if big else (128, 64, 4, 3)
-    if kernel == "kv":
-        return (32, 64, 8, 2) if big else (64, 64, 4, 2)
-    return (64, 32, 8, 2) if big else (64, 64, 4, 2)
+    return (*_GPU_BLOCKS[(kernel, dtype == torch.float32, D > 64)], 2)
 
 
 # row offsets (index * row stride within one batch and head) are int32 up to this, int64 beyond
