@@ -54,7 +54,9 @@ class Alignment(nn.Module):
             plan = _pooling_plan(N, K, cost.dtype, cost.device).expand(B, N, K)
         mass = plan.sum(1)  # [B, K]
         tokens = (plan.transpose(1, 2) @ feats.to(plan.dtype)) / mass.clamp_min(1e-12)[..., None]
-        loss = (plan * cost).sum((1, 2)).mean()
+        # the loss moves the slots towards their patches, not the patch features towards each
+        # other (which would collapse them all onto one direction)
+        loss = (plan.detach() * cosine_cost(feats.detach(), slots)).sum((1, 2)).mean()
         return AlignmentOutput(tokens.to(feats.dtype), plan, loss, mass * K)
 
 
