@@ -24,7 +24,7 @@ class ViTConfig:
 @dataclass
 class TrainConfig:
     batch_size: int = 64
-    lr: float = 1e-3
+    lr: float = 5e-4  # 1e-3 and above made the tiny tokenizer unstable on the embedded data
     weight_decay: float = 0.05
     betas: tuple = (0.9, 0.99)
     warmup_steps: int = 50
@@ -56,7 +56,7 @@ class SelfBootTokConfig:
     quantizer: str = "vq"  # "vq" | "fsq"
     fsq_levels: tuple = (8, 8, 4)
     commitment: float = 0.25
-    dead_code_steps: int = 100  # training forwards without a hit before a code is restarted
+    dead_code_steps: int = 10  # training forwards without a hit before a code is restarted
     local_dim: int = 16  # c_l
     local_2d_dim: int = 4  # c_2, per patch
     alignment: str = "ot"  # "ot" | "avgpool" | "softmax"

@@ -19,7 +19,7 @@ from selfboottok.training import train_stage1, train_stage2
 from selfboottok.training.stages import stage1_parameters
 
 # the tiny preset, trained for a budget instead of a step count
-DEMO = {"train.batch_size": 32, "train.lr": 2e-3, "train.warmup_steps": 20, "train.log_every": 10,
+DEMO = {"train.batch_size": 32, "train.warmup_steps": 20, "train.log_every": 10,
         "train.sample_every": 10**9, "train.ckpt_every": 10**9}
 SHARE = {"stage1": 0.55, "stage2": 0.33}  # of the budget; the rest is evaluation
 
