@@ -1,1 +1,2 @@
-"""Evaluation: FLOPs (and, later, reconstruction and generation metrics)."""
+"""Evaluation: PSNR/SSIM, FID and Inception Score with a pluggable Inception extractor,
+codebook statistics, generator FLOPs, and the figures of a report."""
