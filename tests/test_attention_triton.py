@@ -23,7 +23,9 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
 F64 = torch.float64
 # times the largest reference value (out, dq, dk, dv): the flash backward rounds where autograd
 # may be exact (with Lk = 1, dk is exactly 0)
-FLOOR = {torch.float32: 1e-6, torch.bfloat16: 1e-3, torch.float16: 1e-3}
+# fp32: the kernel's dots sum in a different order from torch's blocked matmul (sequentially
+# under the interpreter), which alone costs about 1e-5 of the largest value on some seeds
+FLOOR = {torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 1e-3}
 
 
 def make_inputs(gen, B, H, Lq, lengths, D, layout, dtype):

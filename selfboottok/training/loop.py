@@ -153,6 +153,8 @@ class TrainLoop:
     def run(self, dataset, resume=False) -> dict:
         if resume:
             self.resume()
+        else:
+            seed_everything(self.model.config.seed + dist.rank())
         world, accum = dist.world(), max(1, self.cfg.grad_accum)
         if self.cfg.batch_size % (world * accum):
             raise ValueError(f"train.batch_size ({self.cfg.batch_size}) must be divisible by "
@@ -232,6 +234,17 @@ class TrainLoop:
         if self.after_step:
             self.after_step(self.model)
         return totals
+
+
+def seed_everything(seed: int):
+    """torch (CPU and CUDA), numpy and python RNGs: a run's random draws follow its seed."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def _autocast(device):
