@@ -6,7 +6,6 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
 
@@ -195,7 +194,7 @@ def _build(cls, d: dict, where: str):
 
 def _merge(base: dict, overrides: dict) -> dict:
     """`base` updated by `overrides`, whose keys may be dotted ("encoder.depth") or nested dicts."""
-    out = json.loads(json.dumps(base, default=_plain))
+    out = json.loads(json.dumps(base))
     for key, value in overrides.items():
         if dataclasses.is_dataclass(value):
             value = dataclasses.asdict(value)
@@ -211,12 +210,6 @@ def _merge(base: dict, overrides: dict) -> dict:
         else:
             node[last] = value
     return out
-
-
-def _plain(x: Any):
-    if dataclasses.is_dataclass(x):
-        return dataclasses.asdict(x)
-    raise TypeError(f"cannot serialise {type(x).__name__}")
 
 
 PRESETS: dict[str, dict] = {

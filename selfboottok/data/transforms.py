@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-__all__ = ["to_rgb", "resize_center_crop", "pil_to_tensor", "tensor_to_pil", "exif_upright",
+__all__ = ["to_rgb", "resize_center_crop", "pil_to_tensor", "exif_upright",
            "load_image"]
 
 
@@ -46,14 +46,6 @@ def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     if a.ndim != 3 or a.shape[2] != 3:
         raise ValueError(f"pil_to_tensor expects an RGB image, got mode {img.mode} with shape {a.shape}")
     return torch.from_numpy(a.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
-
-
-def tensor_to_pil(x: torch.Tensor) -> Image.Image:
-    """float [3, H, W] in [-1, 1] -> RGB PIL image."""
-    if x.ndim != 3 or x.shape[0] != 3:
-        raise ValueError(f"tensor_to_pil expects [3, H, W], got {tuple(x.shape)}")
-    a = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte()
-    return Image.fromarray(a.permute(1, 2, 0).numpy())
 
 
 def exif_upright(img: Image.Image) -> Image.Image:

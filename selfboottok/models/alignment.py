@@ -23,10 +23,13 @@ class AlignmentOutput(NamedTuple):
 
 def cosine_cost(feats, slots):
     """C[b,n,k] = 1 - cos(feats[b,n], slots[b,k]), in float32 (float64 stays float64)."""
-    dtype = torch.float64 if feats.dtype == torch.float64 else torch.float32
-    f = F.normalize(feats.to(dtype), dim=-1)
-    t = F.normalize(slots.to(dtype), dim=-1)
+    f, t = _unit(feats, slots), _unit(slots, feats)
     return 1.0 - f @ t.transpose(1, 2)
+
+
+def _unit(x, other):
+    dtype = torch.float64 if torch.float64 in (x.dtype, other.dtype) else torch.float32
+    return F.normalize(x.to(dtype), dim=-1)
 
 
 class Alignment(nn.Module):
@@ -45,7 +48,8 @@ class Alignment(nn.Module):
     def forward(self, feats, slots):
         B, N, _ = feats.shape
         K = slots.shape[1]
-        cost = cosine_cost(feats, slots)
+        f, t = _unit(feats, slots), _unit(slots, feats)
+        cost = 1.0 - f @ t.transpose(1, 2)
         if self.mode == "ot":
             plan = sinkhorn(cost, eps=self.eps, n_iters=self.n_iters).plan
         elif self.mode == "softmax":
@@ -56,7 +60,7 @@ class Alignment(nn.Module):
         tokens = (plan.transpose(1, 2) @ feats.to(plan.dtype)) / mass.clamp_min(1e-12)[..., None]
         # the loss moves the slots towards their patches, not the patch features towards each
         # other (which would collapse them all onto one direction)
-        loss = (plan.detach() * cosine_cost(feats.detach(), slots)).sum((1, 2)).mean()
+        loss = (plan.detach() * (1.0 - f.detach() @ t.transpose(1, 2))).sum((1, 2)).mean()
         return AlignmentOutput(tokens.to(feats.dtype), plan, loss, mass * K)
 
 
