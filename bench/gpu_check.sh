@@ -1,20 +1,32 @@
 #!/usr/bin/env bash
 # One prepared run for a lent GPU machine (no internet, its own torch): build the extension,
-# run the GPU tests, run the GPU benchmarks. Results and logs go to $OUT (the device tool's
-# output folder) or bench/results/. Usage: bash bench/gpu_check.sh
+# run the GPU tests, run the GPU benchmarks. Each step has its own time limit so the run ends
+# with whatever it got. Results and logs go to $RES (default bench/results); when $OUT is set
+# (the device tool's output folder) they are also packed into $OUT/gpu_results.tar.gz.
+# Usage: bash bench/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-bench/results}
-mkdir -p "$OUT"
+RES=${RES:-bench/results}
+mkdir -p "$RES"
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
-export SELFBOOTTOK_CUDA=1
-{ nvidia-smi -L; python -c "import torch; print('torch', torch.__version__, torch.version.cuda)"; } | tee "$OUT/machine.txt"
-python -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 \
-  || python setup.py build_ext --inplace >> "$OUT/build.log" 2>&1 \
-  || { echo "build failed; see build.log"; tail -40 "$OUT/build.log"; exit 1; }
-python -m selfboottok.ops | tee "$OUT/backends.txt"
-python -m pytest -q -x tests/test_sinkhorn_gpu.py tests/test_sinkhorn_triton.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
-python bench/sinkhorn.py --device cuda --out "$OUT" 2>&1 | tail -20
-attn_tests=$(ls tests/test_attention_cuda.py tests/test_attention_triton.py tests/test_attention.py 2>/dev/null)
-[ -n "$attn_tests" ] && timeout 240 python -m pytest -q $attn_tests 2>&1 | tee "$OUT/attention_tests.log" | tail -15
-timeout 180 python bench/attention.py --device cuda --out "$OUT" > "$OUT/attention_bench.log" 2>&1; tail -30 "$OUT/attention_bench.log"
+export SELFBOOTTOK_CUDA=1 PYTHONUNBUFFERED=1
+PY=${PY:-python3}
+pack() { [ -n "${OUT:-}" ] && tar czf "$OUT/gpu_results.tar.gz" "$RES"; }
+trap pack EXIT
+step() { local limit=$1; shift; echo "== $* (limit ${limit}s)"; local t0=$SECONDS
+  timeout "$limit" "$@"; local rc=$?; echo "== rc=$rc in $((SECONDS - t0))s"; return $rc; }
+
+{ nvidia-smi -L; $PY -c "import torch, triton; print('torch', torch.__version__, torch.version.cuda, 'triton', triton.__version__)"; } | tee "$RES/machine.txt"
+step 280 $PY -m pip install --no-build-isolation --no-deps -e . > "$RES/build.log" 2>&1 \
+  || { echo "build failed; see build.log"; tail -40 "$RES/build.log"; exit 1; }
+tail -3 "$RES/build.log"
+$PY -m selfboottok.ops | tee "$RES/backends.txt"
+tests="tests/test_attention_cuda.py tests/test_attention_triton.py tests/test_sinkhorn_gpu.py tests/test_sinkhorn_triton.py tests/test_attention.py"
+step 140 $PY -m pytest -q -n 8 -p no:cacheprovider $tests > "$RES/gpu_tests.log" 2>&1
+tail -25 "$RES/gpu_tests.log"
+step 80 $PY bench/attention.py --device cuda --repeats 10 --max-cell-seconds 3 --out "$RES" > "$RES/attention_bench.log" 2>&1
+tail -30 "$RES/attention_bench.log"
+step 40 $PY bench/sinkhorn.py --device cuda --out "$RES" > "$RES/sinkhorn_bench.log" 2>&1
+tail -20 "$RES/sinkhorn_bench.log"
+step 80 $PY bench/throughput.py --device cuda --out "$RES" > "$RES/throughput.log" 2>&1
+tail -12 "$RES/throughput.log"
