@@ -22,8 +22,9 @@ step 280 $PY -m pip install --no-build-isolation --no-deps -e . > "$RES/build.lo
 tail -3 "$RES/build.log"
 $PY -m selfboottok.ops | tee "$RES/backends.txt"
 tests="tests/test_attention_cuda.py tests/test_attention_triton.py tests/test_sinkhorn_gpu.py tests/test_sinkhorn_triton.py tests/test_attention.py"
-step 140 $PY -m pytest -q -n 8 -p no:cacheprovider $tests > "$RES/gpu_tests.log" 2>&1
-tail -25 "$RES/gpu_tests.log"
+# -v names each test as it ends, so a run cut off by its limit still says which ones failed
+step 300 $PY -m pytest -v -n 12 -p no:cacheprovider -p no:benchmark --timeout 90 -rfE $tests > "$RES/gpu_tests.log" 2>&1
+grep -E "FAILED|ERROR|passed|failed|node down" "$RES/gpu_tests.log" | tail -40
 step 80 $PY bench/attention.py --device cuda --repeats 10 --max-cell-seconds 3 --out "$RES" > "$RES/attention_bench.log" 2>&1
 tail -30 "$RES/attention_bench.log"
 step 40 $PY bench/sinkhorn.py --device cuda --out "$RES" > "$RES/sinkhorn_bench.log" 2>&1

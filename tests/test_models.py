@@ -225,3 +225,21 @@ def test_vq_initialises_from_data_and_restarts_dead_codes(gen):
         book = vq.embedding.weight.clone()
         vq(torch.randn(2, 3, 4, generator=gen))
         assert torch.equal(book, vq.embedding.weight)
+
+
+@pytest.mark.parametrize("mode", ["global", "all"])
+def test_losses_and_sampling_under_bf16_autocast(gen, mode):
+    # the trainers use bf16 autocast on GPU; CPU autocast takes the same paths (OT alignment in
+    # fp32, the AR KV cache in the projections' dtype)
+    m = SelfBootTok(SelfBootTokConfig.preset("tiny", generator_tokens=mode, generators=["maskgit", "ar"]))
+    x = torch.rand(4, 3, 32, 32, generator=gen) * 2 - 1
+    y = torch.randint(0, 10, (4,), generator=gen)
+    with torch.autocast("cpu", torch.bfloat16):
+        for losses in (m.stage1_losses(x), m.stage2_losses(x, y)):
+            assert torch.isfinite(losses["loss"])
+            losses["loss"].backward()
+        m.eval()
+        with torch.no_grad():
+            for kind in ("maskgit", "ar"):
+                out = m.generate(y, steps=2, generator=kind, seed=0)
+                assert out.shape == (4, 3, 32, 32) and torch.isfinite(out).all()

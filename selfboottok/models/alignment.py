@@ -48,6 +48,13 @@ class Alignment(nn.Module):
     def forward(self, feats, slots):
         B, N, _ = feats.shape
         K = slots.shape[1]
+        # fp32 under autocast: the plan's exp(-C/eps) needs the precision, and sinkhorn takes fp32/64
+        if not torch.amp.is_autocast_available(feats.device.type):  # e.g. meta
+            return self._align(feats, slots, B, N, K)
+        with torch.autocast(feats.device.type, enabled=False):
+            return self._align(feats, slots, B, N, K)
+
+    def _align(self, feats, slots, B, N, K):
         f, t = _unit(feats, slots), _unit(slots, feats)
         cost = 1.0 - f @ t.transpose(1, 2)
         if self.mode == "ot":

@@ -158,17 +158,13 @@ class ARGenerator(_TokenTransformer):
 
 
 class _KVCache:
-    """Per-layer keys/values preallocated to the full length; `step` runs the new positions
-    through every block, attending to everything cached so far."""
+    """Per-layer keys/values preallocated to the full length on the first step, in the dtype
+    the projections give (bf16 under autocast); `step` runs the new positions through every
+    block, attending to everything cached so far."""
 
     def __init__(self, model, batch, length):
-        self.model, self.len = model, 0
-        blk = model.vit.blocks[0].attn
-        H = blk.num_heads
-        width = model.pos.shape[1]
-        p = model.pos
-        self.k = [p.new_zeros(batch, H, length, width // H) for _ in model.vit.blocks]
-        self.v = [p.new_zeros(batch, H, length, width // H) for _ in model.vit.blocks]
+        self.model, self.len, self.batch, self.length = model, 0, batch, length
+        self.k = self.v = None
 
     def step(self, x):
         n = x.shape[1]
@@ -176,8 +172,13 @@ class _KVCache:
         for i, block in enumerate(self.model.vit.blocks):
             a = block.attn
             h = block.norm1(x)
-            self.k[i][:, :, lo:hi] = a._heads(a.k_proj(h))
-            self.v[i][:, :, lo:hi] = a._heads(a.v_proj(h))
+            k, v = a._heads(a.k_proj(h)), a._heads(a.v_proj(h))
+            if self.k is None:
+                shape = (self.batch, k.shape[1], self.length, k.shape[3])
+                self.k = [k.new_zeros(shape) for _ in self.model.vit.blocks]
+                self.v = [v.new_zeros(shape) for _ in self.model.vit.blocks]
+            self.k[i][:, :, lo:hi] = k
+            self.v[i][:, :, lo:hi] = v
             o = attention(a._heads(a.q_proj(h)), self.k[i][:, :, :hi], self.v[i][:, :, :hi],
                           causal=True)
             B, _, L, _ = o.shape
