@@ -59,6 +59,10 @@ class SelfBootTokConfig:
     local_dim: int = 16  # c_l
     local_2d_dim: int = 4  # c_2, per patch
     alignment: str = "ot"  # "ot" | "avgpool" | "softmax"
+    # "pooled": each quantized query starts from one region's mean patch embedding, and the
+    # decoders' grid cells from their region's code (experimental: on the tiny preset the
+    # tokens then carry layout early, but the demo's decoded colours washed out)
+    query_init: str = "learned"
     ot_eps: float = 0.05
     ot_iters: int = 50
     softmax_tau: float = 0.1
@@ -126,6 +130,8 @@ class SelfBootTokConfig:
         need(self.quantizer in ("vq", "fsq"), f"quantizer must be 'vq' or 'fsq', got {self.quantizer!r}")
         need(self.alignment in ("ot", "avgpool", "softmax"),
              f"alignment must be 'ot', 'avgpool' or 'softmax', got {self.alignment!r}")
+        need(self.query_init in ("learned", "pooled"),
+             f"query_init must be 'learned' or 'pooled', got {self.query_init!r}")
         need(self.generator_tokens in ("global", "all"),
              f"generator_tokens must be 'global' or 'all', got {self.generator_tokens!r}")
         need(len(self.generators) > 0 and all(g in ("maskgit", "ar") for g in self.generators),

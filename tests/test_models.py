@@ -55,7 +55,7 @@ def test_b64_on_meta():
     assert 80e6 < enc < 90e6  # ViT-B, as TiTok-B-64's encoder
 
 
-@pytest.mark.parametrize("overrides", [{}, {"quantizer": "fsq"}, {"alignment": "softmax"},
+@pytest.mark.parametrize("overrides", [{}, {"quantizer": "fsq"}, {"alignment": "softmax"}, {"query_init": "learned"},
                                        {"alignment": "avgpool", "ema_teacher": 0.9},
                                        {"generator_tokens": "all"}])
 def test_stage1_gradients_reach_every_parameter(gen, overrides):
@@ -243,3 +243,20 @@ def test_losses_and_sampling_under_bf16_autocast(gen, mode):
             for kind in ("maskgit", "ar"):
                 out = m.generate(y, steps=2, generator=kind, seed=0)
                 assert out.shape == (4, 3, 32, 32) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("grid,n", [(8, 16), (8, 4), (8, 24), (4, 5), (16, 64)])
+def test_region_pool_is_the_mean_over_region_index(gen, grid, n):
+    from selfboottok.models.layers import region_index, region_pool
+
+    x = torch.randn(2, grid * grid, 8, generator=gen, dtype=torch.float64)
+    idx = region_index(grid, n)
+    assert idx.shape == (grid * grid,) and set(idx.tolist()) == set(range(n))
+    pooled = region_pool(x, grid, n)
+    assert pooled.shape == (2, n, 8)
+    if round(n**0.5) ** 2 == n and grid % round(n**0.5) == 0:  # square regions: exact partition
+        want = torch.stack([x[:, idx == r].mean(1) for r in range(n)], 1)
+        torch.testing.assert_close(pooled, want)
+    else:  # raster runs: each region's mean lies within its patches' range, in order
+        centres = torch.stack([torch.arange(grid * grid, dtype=torch.float64)[idx == r].mean() for r in range(n)])
+        assert torch.all(centres[1:] > centres[:-1])

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import LearnedQueries, Transformer, init_weights, sincos_2d
+from .layers import LearnedQueries, Transformer, init_weights, region_index, sincos_2d
 
 __all__ = ["BootstrapDecoder"]
 
@@ -27,14 +27,21 @@ class BootstrapDecoder(nn.Module):
         self.vit = Transformer(vit.width, vit.depth, vit.heads, vit.mlp_ratio, cross=True)
         self.out_1d = nn.Linear(vit.width, config.local_dim)
         self.out_2d = nn.Linear(vit.width, config.local_2d_dim)
+        if config.query_init == "pooled":  # as in the pixel decoder
+            self.register_buffer("region", region_index(config.grid, config.num_global), persistent=False)
+        else:
+            self.region = None
         init_weights(self)
 
     def forward(self, codes):
         """codes [B, K_g, c_g] -> (local_1d [B, K_l, c_l], local_2d [B, N, c_2])."""
         B = codes.shape[0]
         grid = self.grid_token.expand(B, self.pos.shape[0], -1) + self.pos
+        codes_w = self.code_in(codes)
+        if self.region is not None:
+            grid = grid + codes_w[:, self.region]
         x = torch.cat([self.queries_1d(B), grid], 1)
-        h = self.vit(x, self.code_in(codes) + self.code_pos)
+        h = self.vit(x, codes_w + self.code_pos)
         local_1d = self.out_1d(h[:, : self.num_local])
         local_2d = self.out_2d(h[:, self.num_local :])
         # the same fixed scale as the encoder's local tokens

@@ -4,6 +4,7 @@ patch embedding, learned 1D queries and 2D positional embeddings."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from selfboottok.ops import MultiheadAttention
@@ -98,6 +99,31 @@ def sincos_2d(grid, dim):
     yy = emb1[:, None, :].expand(grid, grid, -1)
     xx = emb1[None, :, :].expand(grid, grid, -1)
     return torch.cat([yy, xx], -1).reshape(grid * grid, dim).float()
+
+
+def _region_side(grid, n):
+    s = round(n**0.5)
+    return s if s * s == n and grid % s == 0 else 0
+
+
+def region_pool(x, grid, n):
+    """Patch tokens [B, grid*grid, W] -> [B, n, W], the mean of each of n regions: an s x s grid
+    of squares when n = s^2 and s divides grid, else contiguous runs of the raster order."""
+    s = _region_side(grid, n)
+    if s:
+        g = x.transpose(1, 2).reshape(x.shape[0], -1, grid, grid)
+        return F.adaptive_avg_pool2d(g, s).flatten(2).transpose(1, 2)
+    return F.adaptive_avg_pool1d(x.transpose(1, 2), n).transpose(1, 2)
+
+
+def region_index(grid, n):
+    """For each patch (raster order), the region of `region_pool` it falls in: LongTensor [grid^2]."""
+    s = _region_side(grid, n)
+    i = torch.arange(grid * grid)
+    if s:
+        r, c = i // grid, i % grid
+        return (r * s // grid) * s + c * s // grid
+    return i * n // (grid * grid)
 
 
 def init_weights(module):

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .alignment import Alignment
-from .layers import LearnedQueries, PatchEmbed, Transformer, init_weights, sincos_2d, unpatchify
+from .layers import (LearnedQueries, PatchEmbed, Transformer, init_weights, region_index, region_pool,
+                     sincos_2d, unpatchify)
 from .quantizer import build_quantizer
 
 __all__ = ["Encoded", "Encoder", "PixelDecoder", "Tokenizer"]
@@ -40,12 +41,18 @@ class Encoder(nn.Module):
         self.queries = LearnedQueries(n_queries, vit.width)
         self.query_pos = nn.Parameter(torch.zeros(n_queries, vit.width))
         self.vit = Transformer(vit.width, vit.depth, vit.heads, vit.mlp_ratio)
-        self.n_patches = config.num_patches
+        self.n_patches, self.grid = config.num_patches, config.grid
+        self.n_pooled = config.num_quantized if config.query_init == "pooled" else 0
 
     def forward(self, images):
         x = self.patch(images) + self.pos.to(images.dtype)
-        q = self.queries(x.shape[0]) + self.query_pos
-        h = self.vit(torch.cat([x, q.to(x.dtype)], 1))
+        q = (self.queries(x.shape[0]) + self.query_pos).to(x.dtype)
+        if self.n_pooled:
+            # each quantized query starts from one region's content, so its token carries layout
+            # from the first step instead of after attention has learned to single regions out
+            pooled = region_pool(x, self.grid, self.n_pooled)
+            q = torch.cat([q[:, : self.n_pooled] + pooled, q[:, self.n_pooled :]], 1)
+        h = self.vit(torch.cat([x, q], 1))
         return h[:, : self.n_patches], h[:, self.n_patches :]
 
 
@@ -68,11 +75,18 @@ class PixelDecoder(nn.Module):
             self.local_2d_in = nn.Linear(config.local_2d_dim, vit.width)
         self.vit = Transformer(vit.width, vit.depth, vit.heads, vit.mlp_ratio, cross=True)
         self.out = nn.Linear(vit.width, config.patch_size**2 * config.channels)
+        if config.query_init == "pooled":  # grid cell p starts from the code of its region
+            self.register_buffer("region", region_index(config.grid, config.num_quantized), persistent=False)
+        else:
+            self.region = None
 
     def forward(self, codes, local_1d=None, local_2d=None):
         B = codes.shape[0]
         x = self.grid_token.expand(B, self.config.num_patches, -1) + self.pos
-        context = [self.code_in(codes) + self.code_pos]
+        codes_w = self.code_in(codes)
+        if self.region is not None:
+            x = x + codes_w[:, self.region]
+        context = [codes_w + self.code_pos]
         if self.global_mode:
             x = x + self.local_2d_in(local_2d)
             context.append(self.local_in(local_1d) + self.local_pos)

@@ -69,6 +69,9 @@ class _Batches(torch.utils.data.Sampler):
 
 class TrainLoop:
     """Trains `params` of `model` on `loss_fn(model, batch) -> dict` (with a "loss" entry).
+    `params` is a list of parameters, or a dict of named lists whose gradients are clipped
+    each on its own (parts trained in tandem then match the same parts trained as separate
+    jobs: one part's large gradients do not scale down the other's).
 
     Writes under `out_dir`: `metrics.jsonl` (one record per logged step, the last step always),
     `checkpoints/last.pt` (atomic), samples via `sample_fn(model, step, out_dir)` (called with
@@ -84,7 +87,9 @@ class TrainLoop:
         self.out = Path(out_dir)
         self.sample_fn, self.after_step = sample_fn, after_step
         self.device = device or torch.device("cpu")
-        self.params = [p for p in params]
+        groups = dict(params) if isinstance(params, dict) else {"": list(params)}
+        self.clip_groups = {name: list(ps) for name, ps in groups.items()}
+        self.params = [p for ps in self.clip_groups.values() for p in ps]
         model.to(self.device)
         model.requires_grad_(False)
         for p in self.params:
@@ -223,8 +228,12 @@ class TrainLoop:
                 (loss / accum).backward()
             for k, v in losses.items():
                 totals[k] = totals.get(k, 0.0) + v.detach().float() / accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
-        totals["grad_norm"] = grad_norm.detach().float()
+        norms = {}
+        for name, ps in self.clip_groups.items():
+            norms[name] = torch.nn.utils.clip_grad_norm_(ps, self.cfg.grad_clip).detach().float()
+            if name:
+                totals[f"grad_norm_{name}"] = norms[name]
+        totals["grad_norm"] = torch.stack(list(norms.values())).square().sum().sqrt()
         self.opt.step()
         self.sched.step()
         decay = min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))

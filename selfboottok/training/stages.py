@@ -30,13 +30,17 @@ def _fixed_images(dataset, n=8):
     return torch.stack([dataset[i][0] for i in range(min(n, len(dataset)))])
 
 
-def stage1_parameters(model):
-    """Everything but the generators: tokenizer (encoder, quantizer, pixel decoder) and the
-    bootstrap decoder."""
-    params = list(model.tokenizer.parameters())
+def stage1_groups(model) -> dict:
+    """Everything but the generators, in clipping groups: the tokenizer (encoder, quantizer,
+    pixel decoder) and the bootstrap decoder."""
+    groups = {"tokenizer": list(model.tokenizer.parameters())}
     if model.bootstrap is not None:
-        params += list(model.bootstrap.parameters())
-    return params
+        groups["bootstrap"] = list(model.bootstrap.parameters())
+    return groups
+
+
+def stage1_parameters(model):
+    return [p for ps in stage1_groups(model).values() for p in ps]
 
 
 def train_stage1(config: SelfBootTokConfig, out_dir, *, dataset=None, max_steps=None,
@@ -53,7 +57,7 @@ def train_stage1(config: SelfBootTokConfig, out_dir, *, dataset=None, max_steps=
             rows.append(m.reconstruct(shown, bootstrap=True))
         save_grid(rows, Path(out) / "samples" / f"stage1_step{step:06d}.png", scale=3)
 
-    loop = TrainLoop(model, stage1_parameters(model), lambda m, b: m.stage1_losses(b[0]),
+    loop = TrainLoop(model, stage1_groups(model), lambda m, b: m.stage1_losses(b[0]),
                      total_steps or config.train.stage1_steps, out_dir, stage="stage1",
                      max_steps=max_steps, sample_fn=samples,
                      after_step=lambda m: m.update_teacher(), device=device)
@@ -93,7 +97,8 @@ def train_stage2(config: Optional[SelfBootTokConfig], init, out_dir, *, parts=PA
             rows = [shown, m.reconstruct(shown), m.reconstruct(shown, bootstrap=True)]
             save_grid(rows, folder / f"stage2_bootstrap_step{step:06d}.png", scale=3)
 
-    loop = TrainLoop(model, model.stage2_parameters(parts),
+    groups = {part: model.stage2_parameters((part,)) for part in parts}
+    loop = TrainLoop(model, {k: v for k, v in groups.items() if v},
                      lambda m, b: m.stage2_losses(b[0], b[1], parts),
                      total_steps or config.train.stage2_steps, out_dir, stage="stage2",
                      max_steps=max_steps, sample_fn=samples, device=device)
