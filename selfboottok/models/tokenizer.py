@@ -45,12 +45,13 @@ class Encoder(nn.Module):
         self.n_pooled = config.num_quantized if config.query_init == "pooled" else 0
 
     def forward(self, images):
-        x = self.patch(images) + self.pos.to(images.dtype)
+        content = self.patch(images)
+        x = content + self.pos.to(images.dtype)
         q = (self.queries(x.shape[0]) + self.query_pos).to(x.dtype)
         if self.n_pooled:
             # each quantized query starts from one region's content, so its token carries layout
             # from the first step instead of after attention has learned to single regions out
-            pooled = region_pool(x, self.grid, self.n_pooled)
+            pooled = region_pool(content, self.grid, self.n_pooled)
             q = torch.cat([q[:, : self.n_pooled] + pooled, q[:, self.n_pooled :]], 1)
         h = self.vit(torch.cat([x, q], 1))
         return h[:, : self.n_patches], h[:, self.n_patches :]
