@@ -15,6 +15,16 @@ def backends_for(device: str) -> list[str]:
     return [name for name, (ok, _) in backend_status(device).items() if ok]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module: on a shared, oversubscribed CPU every multithreaded op
+    can wait a time slice for its second thread, so small batches run many times faster."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def gen():
     """A generator with a fresh seed per test; the seed is printed so a failure can be replayed."""

