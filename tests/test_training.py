@@ -64,6 +64,31 @@ def test_max_steps_keeps_the_schedule(tmp_path):
     assert loop.sched.get_last_lr()[0] == pytest.approx(cfg.train.lr)  # warmup 2 of 6 steps
 
 
+def test_each_part_is_clipped_on_its_own(tmp_path):
+    """A part with huge gradients is clipped to grad_clip without scaling down the other part."""
+    m = SelfBootTok(small(**{"train.lr": 0.0, "train.grad_clip": 100.0}))
+    tok, boot = list(m.tokenizer.parameters()), list(m.bootstrap.parameters())
+
+    def loss_fn(model, batch):  # only the tokenizer's gradients grow
+        losses = model.stage1_losses(batch[0])
+        return {**losses, "loss": losses["loss"] + 1e6 * losses["rec"]}
+
+    def grads(params, out):
+        TrainLoop(m, params, loss_fn, 1, out, stage="stage1").run(data(n=4))
+        return [p.grad.clone() for p in tok], [p.grad.clone() for p in boot], records(out / "metrics.jsonl")[-1]
+
+    def norm(gs):
+        return torch.stack([g.norm() for g in gs]).norm().item()
+
+    g_tok, g_boot, rec = grads({"tokenizer": tok, "bootstrap": boot}, tmp_path / "parts")
+    assert norm(g_tok) == pytest.approx(100.0, rel=1e-4) and rec["grad_norm_tokenizer"] > 1e4
+    assert norm(g_boot) == pytest.approx(rec["grad_norm_bootstrap"], rel=1e-4)  # left as computed
+    assert 0 < norm(g_boot) < 100.0
+    g_tok_all, g_boot_all, _ = grads(tok + boot, tmp_path / "one")  # one group: both scaled down
+    assert norm(g_tok_all + g_boot_all) == pytest.approx(100.0, rel=1e-4)
+    torch.testing.assert_close(g_boot_all, [g * 100.0 / rec["grad_norm"] for g in g_boot], rtol=1e-3, atol=0)
+
+
 def test_checkpoint_errors(tmp_path):
     train_stage1(small(), tmp_path, dataset=data(), max_steps=2)
     ckpt = tmp_path / "checkpoints/last.pt"
