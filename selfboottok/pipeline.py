@@ -148,17 +148,21 @@ class SelfBootTok(nn.Module):
         return self.decode(ids)
 
     # training losses
-    def stage1_losses(self, images) -> dict:
+    def stage1_losses(self, images, full_path: bool = True) -> dict:
         """Tokenizer losses: reconstruction from (global + true local) and from (global +
         bootstrapped local), bootstrap regression, quantizer and OT alignment. `loss` is the
-        weighted total."""
+        weighted total. ``full_path=False`` (SelfBootTok mode) leaves out the reconstruction
+        from the true local tokens: the global warm-up of `train.global_warmup`."""
         c = self.config
         images = self._check_images(images, values=False)
         enc = self.tokenizer.encode(images)
-        rec = self.tokenizer.decoder(enc.codes, enc.local_1d, enc.local_2d)
-        out = {"rec": F.mse_loss(rec.float(), images.float()), "quant": enc.quant_loss.float(),
-               "perplexity": enc.perplexity.detach(), "usage": enc.usage.detach()}
-        total = c.w_rec * out["rec"] + c.w_quant * out["quant"]
+        out = {"quant": enc.quant_loss.float(), "perplexity": enc.perplexity.detach(),
+               "usage": enc.usage.detach()}
+        total = c.w_quant * out["quant"]
+        if full_path or not self.global_mode:
+            rec = self.tokenizer.decoder(enc.codes, enc.local_1d, enc.local_2d)
+            out["rec"] = F.mse_loss(rec.float(), images.float())
+            total = total + c.w_rec * out["rec"]
         if self.global_mode:
             t1, t2 = self._local_targets(images, enc)
             b1, b2 = self.bootstrap(enc.codes)

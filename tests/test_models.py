@@ -75,6 +75,23 @@ def test_stage1_gradients_reach_every_parameter(gen, overrides):
         assert any(not torch.equal(a, b) for a, b in zip(before, m.teacher.parameters()))
 
 
+def test_global_warmup_losses_leave_out_the_full_path(gen):
+    m = SelfBootTok(tiny()).train()
+    x = images(gen, 2)
+    torch.manual_seed(0)
+    full = m.stage1_losses(x)
+    torch.manual_seed(0)
+    warm = m.stage1_losses(x, full_path=False)
+    assert "rec" in full and "rec" not in warm
+    c = m.config
+    torch.testing.assert_close(warm["loss"], full["loss"] - c.w_rec * full["rec"].detach())
+    warm["loss"].backward()
+    assert m.tokenizer.to_2d.weight.grad is None  # the 2D local tokens are only targets here
+    assert m.tokenizer.encoder.patch.proj.weight.grad.abs().sum() > 0
+    base = SelfBootTok(tiny(generator_tokens="all"))  # no local path: full_path changes nothing
+    assert "rec" in base.stage1_losses(x, full_path=False)
+
+
 def test_stage2_trains_only_generators_and_bootstrap(gen):
     m = SelfBootTok(tiny()).train()
     losses = m.stage2_losses(images(gen, 2), [0, 5])

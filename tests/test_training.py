@@ -47,6 +47,7 @@ def test_stage1_resume_matches_uninterrupted_run(tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
     a, b = records(tmp_path / "full/metrics.jsonl"), records(tmp_path / "cut/metrics.jsonl")
     assert [r["step"] for r in a] == [2, 4, 6] and [r["step"] for r in b] == [2, 3, 4, 6]
+    assert "rec" not in a[0] and "rec" in a[1]  # steps 1-3 are the global warm-up
     for key in ("loss", "rec", "rec_boot", "boot", "quant", "align", "lr"):
         assert abs(a[-1][key] - b[-1][key]) <= 1e-4 * max(1.0, abs(a[-1][key])), key
     out = tmp_path / "full"

@@ -49,7 +49,8 @@ def plot_curves(metrics_jsonl, path, title="", skip=("step", "lr", "time", "perp
     import matplotlib.pyplot as plt
 
     records = [json.loads(line) for line in Path(metrics_jsonl).read_text().splitlines() if line]
-    keys = [k for k in records[0] if k not in skip] if records else []
+    keys = [k for k in dict.fromkeys(k for r in records for k in r)  # terms may start late
+            if k not in skip and not k.startswith("grad_norm")]
     fig, ax = plt.subplots(figsize=(6, 4))
     for k in keys:
         pts = [(r["step"], r[k]) for r in records if k in r and r[k] > 0]

@@ -76,10 +76,11 @@ class TrainLoop:
     Writes under `out_dir`: `metrics.jsonl` (one record per logged step, the last step always),
     `checkpoints/last.pt` (atomic), samples via `sample_fn(model, step, out_dir)` (called with
     the EMA weights in place), `loss_curves.png`. `total_steps` sets the LR schedule;
-    `max_steps` stops earlier without changing it."""
+    `max_steps` stops earlier without changing it. `find_unused`: some steps leave parameters
+    without gradients (DDP must look for them)."""
 
     def __init__(self, model, params, loss_fn, total_steps, out_dir, *, stage="train",
-                 max_steps=None, sample_fn=None, after_step=None, device=None):
+                 max_steps=None, sample_fn=None, after_step=None, device=None, find_unused=False):
         self.model, self.loss_fn, self.stage = model, loss_fn, stage
         self.cfg = model.config.train
         self.total = int(total_steps)
@@ -107,7 +108,8 @@ class TrainLoop:
         wrapped = _Losses(model, loss_fn)
         if dist.active():
             ids = [self.device.index] if self.device.type == "cuda" else None
-            wrapped = torch.nn.parallel.DistributedDataParallel(wrapped, device_ids=ids)
+            wrapped = torch.nn.parallel.DistributedDataParallel(
+                wrapped, device_ids=ids, find_unused_parameters=find_unused)
         self.wrapped = wrapped
 
     @property
