@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="stage 1 + stage 2 on the embedded data, then a report")
     d.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    d.add_argument("--minutes", type=float, default=7.0, help="time budget (default: 7)")
+    d.add_argument("--minutes", type=float, default=6.0, help="time budget for training and evaluation (default: 6)")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(fn=cmd_demo)
 

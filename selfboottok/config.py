@@ -34,6 +34,9 @@ class TrainConfig:
     # preset this gave the global-only path colour and layout within 300 steps, against colour
     # blobs or grey after 600 without it
     global_warmup: float = 0.5
+    # a stage-2 job that trains only the generators tokenizes the dataset once and trains on the
+    # ids (exact: the tokenizer is frozen and the datasets have no random augmentation)
+    cache_tokens: bool = True
     grad_clip: float = 1.0
     grad_accum: int = 1
     ema_decay: float = 0.999

@@ -64,14 +64,14 @@ class SelfBootTok(nn.Module):
                 raise ValueError(f"images must be in [-1,1], got values in [{lo:.3g}, {hi:.3g}]")
         return images.to(self._dtype())
 
-    def _check_ids(self, ids, n, name="global_ids"):
+    def _check_ids(self, ids, n, name="global_ids", values=True):
         V = self.config.vocab_size
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[1] != n:
             got = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
             raise ValueError(f"{name} must be [B,{n}] integer ids, got {got}")
         if ids.is_floating_point() or ids.dtype == torch.bool:
             raise ValueError(f"{name} must be integer ids, got {ids.dtype}")
-        if ids.device.type != "meta" and ids.numel() and (ids.min() < 0 or ids.max() >= V):
+        if values and ids.device.type != "meta" and ids.numel() and (ids.min() < 0 or ids.max() >= V):
             raise ValueError(f"{name} must be in [0, {V}), got [{ids.min().item()}, {ids.max().item()}]")
         return ids.long()
 
@@ -186,9 +186,8 @@ class SelfBootTok(nn.Module):
             enc = self.tokenizer.encode(images)
         out, total = {}, 0.0
         if "generator" in parts:
-            for kind, gen in self.generators.items():
-                out[f"gen_{kind}"] = gen.loss(enc.ids, labels)
-                total = total + out[f"gen_{kind}"]
+            out = self.generator_losses(enc.ids, labels)
+            total = out.pop("loss")
         if "bootstrap" in parts and self.global_mode:
             b1, b2 = self.bootstrap(enc.codes)
             rec_boot = self.tokenizer.decoder(enc.codes, b1, b2)
@@ -196,6 +195,14 @@ class SelfBootTok(nn.Module):
             out["boot"] = _boot_loss(b1, b2, enc.local_1d, enc.local_2d)
             total = total + c.w_rec_boot * out["rec_boot"] + c.w_boot * out["boot"]
         out["loss"] = total if isinstance(total, torch.Tensor) else images.new_zeros(())
+        return out
+
+    def generator_losses(self, ids, labels) -> dict:
+        """Cross-entropy of every generator on the ids the generators model (`tokenize(x).ids`)."""
+        ids = self._check_ids(ids, self.config.num_quantized, "ids", values=False)  # no host sync
+        labels = self._check_labels(labels, values=False)
+        out = {f"gen_{kind}": gen.loss(ids, labels) for kind, gen in self.generators.items()}
+        out["loss"] = sum(out.values())
         return out
 
     def stage2_parameters(self, parts=("generator", "bootstrap")):

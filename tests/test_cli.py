@@ -35,11 +35,14 @@ def test_demo_writes_every_output_then_reconstruct_and_generate(tmp_path):
     res = run("demo", "--minutes", "1", "--out", str(out))
     assert res.returncode == 0, res.stderr[-3000:]
     for name in ("report.md", "metrics.json", "reconstructions.png", "generations_maskgit.png",
-                 "generations_ar.png", "stage1/loss_curves.png", "stage2/loss_curves.png",
-                 "stage1/metrics.jsonl", "stage2/metrics.jsonl", "stage2/model/model.safetensors"):
+                 "generations_ar.png", "stage1/loss_curves.png", "stage2/generator/loss_curves.png",
+                 "stage2/bootstrap/loss_curves.png", "stage1/metrics.jsonl",
+                 "stage2/generator/metrics.jsonl", "stage2/bootstrap/metrics.jsonl",
+                 "stage2/model/model.safetensors"):
         assert (out / name).is_file(), name
     m = json.loads((out / "metrics.json").read_text())
     assert m["psnr_full"] > 0 and m["psnr_bootstrap_only"] > 0
+    assert set(m["class_nats_per_token"]) == {"maskgit", "ar"} and set(m["steps"]) == {"stage1", "generator", "bootstrap"}
     model = out / "stage2" / "model"
     res = run("generate", "--model", str(model), "--classes", "1", "3", "--n", "2", "--steps", "2",
               "--out", str(tmp_path / "gen"))

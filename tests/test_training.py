@@ -144,6 +144,12 @@ def test_stage2_freezes_the_tokenizer_and_merges(tmp_path):
     b = train_stage2(None, tmp_path / "s1/model", tmp_path / "b", parts=["bootstrap"], dataset=data(), max_steps=2)
     assert set(records(tmp_path / "g/metrics.jsonl")[-1]) >= {"gen_maskgit", "gen_ar"}
     assert "gen_ar" not in records(tmp_path / "b/metrics.jsonl")[-1]
+    # the generator job trains on ids tokenized once; the same job re-tokenizing every batch
+    # takes the same steps
+    cfg_nc = SelfBootTok.from_pretrained(tmp_path / "s1/model").config.with_overrides(**{"train.cache_tokens": False})
+    g_nc = train_stage2(cfg_nc, tmp_path / "s1/model", tmp_path / "g_nc", parts=["generator"], dataset=data(), max_steps=2)
+    for (name, a), b_ in zip(g.generators.state_dict().items(), g_nc.generators.state_dict().values()):
+        torch.testing.assert_close(a, b_, rtol=1e-5, atol=1e-6, msg=name)
     merged = merge_stage2(tmp_path / "g/model", tmp_path / "b/model", tmp_path / "merged")
     for k, v in g.generators.state_dict().items():
         torch.testing.assert_close(merged.generators.state_dict()[k], SelfBootTok.from_pretrained(tmp_path / "g/model").generators.state_dict()[k])

@@ -240,8 +240,7 @@ class TrainLoop:
         self.sched.step()
         decay = min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))
         with torch.no_grad():
-            for e, p in zip(self.ema, self.params):
-                e.lerp_(p.detach().float(), 1 - decay)
+            torch._foreach_lerp_(self.ema, [p.detach().float() for p in self.params], 1 - decay)
         if self.after_step:
             self.after_step(self.model)
         return totals

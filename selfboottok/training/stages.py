@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm.auto import tqdm
 
 from selfboottok.config import SelfBootTokConfig
 from selfboottok.eval.report import save_grid
@@ -106,14 +108,30 @@ def train_stage2(config: Optional[SelfBootTokConfig], init, out_dir, *, parts=PA
             rows = [shown, m.reconstruct(shown), m.reconstruct(shown, bootstrap=True)]
             save_grid(rows, folder / f"stage2_bootstrap_step{step:06d}.png", scale=3)
 
+    loss_fn = lambda m, b: m.stage2_losses(b[0], b[1], parts)  # noqa: E731
+    if parts == ("generator",) and config.train.cache_tokens:
+        dataset = tokenize_dataset(model, dataset, device, config.train.batch_size)
+        loss_fn = lambda m, b: m.generator_losses(b[0], b[1])  # noqa: E731
     groups = {part: model.stage2_parameters((part,)) for part in parts}
-    loop = TrainLoop(model, {k: v for k, v in groups.items() if v},
-                     lambda m, b: m.stage2_losses(b[0], b[1], parts),
+    loop = TrainLoop(model, {k: v for k, v in groups.items() if v}, loss_fn,
                      total_steps or config.train.stage2_steps, out_dir, stage="stage2",
                      max_steps=max_steps, sample_fn=samples, device=device)
     loop.run(dataset, resume=resume)
     _export(loop, Path(out_dir) / "model")
     return model
+
+
+@torch.no_grad()
+def tokenize_dataset(model, dataset, device, batch_size=64) -> TensorDataset:
+    """(ids, label) pairs of every image: what the generators train on, computed once with the
+    frozen tokenizer. Every rank tokenizes the whole set."""
+    model.to(device).eval()
+    ids, labels = [], []
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    for images, y in tqdm(loader, desc="tokenize", disable=not dist.is_main(), leave=False):
+        ids.append(model.tokenize(images.to(device)).ids.to(torch.int32).cpu())
+        labels.append(torch.as_tensor(y).long())
+    return TensorDataset(torch.cat(ids), torch.cat(labels))
 
 
 def merge_stage2(generator_dir, bootstrap_dir, out_dir) -> SelfBootTok:
