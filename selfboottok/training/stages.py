@@ -108,10 +108,15 @@ def train_stage2(config: Optional[SelfBootTokConfig], init, out_dir, *, parts=PA
             rows = [shown, m.reconstruct(shown), m.reconstruct(shown, bootstrap=True)]
             save_grid(rows, folder / f"stage2_bootstrap_step{step:06d}.png", scale=3)
 
-    loss_fn = lambda m, b: m.stage2_losses(b[0], b[1], parts)  # noqa: E731
-    if parts == ("generator",) and config.train.cache_tokens:
+    cached = parts == ("generator",) and config.train.cache_tokens
+    if cached:
         dataset = tokenize_dataset(model, dataset, device, config.train.batch_size)
-        loss_fn = lambda m, b: m.generator_losses(b[0], b[1])  # noqa: E731
+
+    def loss_fn(m, batch):
+        if cached:  # batch: (ids, labels)
+            return m.generator_losses(batch[0], batch[1])
+        return m.stage2_losses(batch[0], batch[1], parts)
+
     groups = {part: model.stage2_parameters((part,)) for part in parts}
     loop = TrainLoop(model, {k: v for k, v in groups.items() if v}, loss_fn,
                      total_steps or config.train.stage2_steps, out_dir, stage="stage2",
