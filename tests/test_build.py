@@ -63,6 +63,22 @@ def test_bad_selfboottok_cuda_value_is_rejected(monkeypatch):
         _build.want_cuda()
 
 
+def test_cuda_kernels_compile_only_for_a_visible_gpu_unless_forced(monkeypatch):
+    import torch
+
+    from selfboottok.ops import _build
+
+    if torch.version.cuda is None or _build.find_cuda_home() is None:
+        pytest.skip("needs a CUDA build of torch and nvcc")
+    monkeypatch.delenv("SELFBOOTTOK_CUDA", raising=False)
+    ok, why = _build.want_cuda()
+    assert ok == torch.cuda.is_available() and ("GPU" in why)
+    monkeypatch.setenv("SELFBOOTTOK_CUDA", "1")
+    assert _build.want_cuda() == (True, "SELFBOOTTOK_CUDA=1")
+    monkeypatch.setenv("SELFBOOTTOK_CUDA", "0")
+    assert not _build.want_cuda()[0]
+
+
 def test_sources_are_listed_once_and_exist():
     from selfboottok.ops import _build
 

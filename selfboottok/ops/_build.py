@@ -103,7 +103,11 @@ def want_cuda() -> tuple[bool, str]:
         if forced == "1":
             raise RuntimeError("SELFBOOTTOK_CUDA=1 but no CUDA toolkit (nvcc) was found")
         return False, "no CUDA toolkit (nvcc) found"
-    return True, "torch has CUDA and nvcc is found" if forced is None else "SELFBOOTTOK_CUDA=1"
+    if forced == "1":
+        return True, "SELFBOOTTOK_CUDA=1"
+    if not torch.cuda.is_available():  # minutes of nvcc for kernels nothing here can run
+        return False, "no GPU is visible (SELFBOOTTOK_CUDA=1 compiles the CUDA kernels anyway)"
+    return True, "torch has CUDA, nvcc is found and a GPU is visible"
 
 
 def prepare_environment(cuda: bool) -> None:
