@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from itertools import accumulate
 from pathlib import Path
 
 import torch
@@ -24,7 +25,8 @@ DEMO = {"train.batch_size": 32, "train.warmup_steps": 20, "train.log_every": 10,
 # stage 2 runs as its two jobs, one after the other: the generator's steps cost about half the
 # bootstrap decoder's, and it needs many more of them to pick up the class shapes
 JOBS = {"stage1": 0.55, "generator": 0.25, "bootstrap": 0.13}  # of the budget; the rest: evaluation
-LOOP_OVERHEAD = 1.2  # data loading, EMA, clipping and logging over a bare step, measured here
+# a training loop's step (data loading, EMA, clipping, logging) over a bare step, measured here
+LOOP_OVERHEAD = {"stage1": 1.1, "generator": 1.3, "bootstrap": 1.3}  # runs varied 1.0-1.5
 GENERATOR_LR = 2e-3  # 5e-4 reached a higher loss in the same steps
 # sampling: the short-trained generators need strong guidance to show their class's shape
 GUIDANCE, TEMPERATURE = 4.0, 0.8
@@ -60,10 +62,11 @@ def _timings(config, dataset, job, full_path=True) -> tuple:
     return once, min(times[1:])
 
 
-def _steps(timings, job, budget, slow=1.0) -> int:
+def _steps(timings, job, deadline) -> int:
+    """Steps that end `job` by `deadline` (time.time()), from its timing."""
     once, per_step = timings[job]
-    steps = max(20, int((JOBS[job] * budget - once) / (per_step * slow)))
-    print(f"demo: {job}: about {per_step * slow:.3f} s/step here -> {steps} steps")
+    steps = max(20, int((deadline - time.time() - once) / per_step))
+    print(f"demo: {job}: about {per_step:.3f} s/step here -> {steps} steps")
     return steps
 
 
@@ -81,17 +84,16 @@ def run_demo(out="demo_out", minutes: float = 6.0, seed: int = 0) -> dict:
         if job == "stage1":  # the global warm-up's steps skip the full path
             w = config.train.global_warmup
             per_step = w * _timings(config, train, job, full_path=False)[1] + (1 - w) * per_step
-        timings[job] = (once, per_step * LOOP_OVERHEAD)
+        timings[job] = (once, per_step * LOOP_OVERHEAD[job])
+    # each job ends at its share of the budget, so one job's misestimate shifts only the next
+    deadline = {job: start + budget * share for job, share in zip(JOBS, accumulate(JOBS.values()))}
     s1, s2 = out / "stage1", out / "stage2"
-    steps = {"stage1": _steps(timings, "stage1", budget)}
-    t0 = time.time()
+    steps = {"stage1": _steps(timings, "stage1", deadline["stage1"])}
     train_stage1(config, s1, dataset=train, total_steps=steps["stage1"])
-    # stage 2's estimates scale by how far stage 1's was off
-    slow = (time.time() - t0) / (steps["stage1"] * timings["stage1"][1])
-    steps["generator"] = _steps(timings, "generator", budget, slow)
+    steps["generator"] = _steps(timings, "generator", deadline["generator"])
     train_stage2(config.with_overrides(**{"train.lr": GENERATOR_LR}), s1 / "model", s2 / "generator",
                  parts=("generator",), dataset=train, total_steps=steps["generator"])
-    steps["bootstrap"] = _steps(timings, "bootstrap", budget, slow)
+    steps["bootstrap"] = _steps(timings, "bootstrap", deadline["bootstrap"])
     train_stage2(None, s1 / "model", s2 / "bootstrap", parts=("bootstrap",), dataset=train,
                  total_steps=steps["bootstrap"])
     merge_stage2(s2 / "generator" / "model", s2 / "bootstrap" / "model", s2 / "model")
