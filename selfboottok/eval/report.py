@@ -41,8 +41,9 @@ def save_grid(rows, path, scale: int = 1, pad: int = 2) -> Path:
 
 
 def plot_curves(metrics_jsonl, path, title="", skip=("step", "lr", "time", "perplexity", "usage",
-                                                     "grad_norm", "gpu_mem_gb", "gpu_util")) -> Path:
-    """One log-scale line per loss term of a metrics.jsonl file, against the step."""
+                                                     "gpu_mem_gb", "gpu_util")) -> Path:
+    """One log-scale line per loss term of a metrics.jsonl file (not `skip`, not grad_norm*),
+    against the step."""
     import matplotlib
 
     matplotlib.use("Agg")

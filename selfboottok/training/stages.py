@@ -45,11 +45,6 @@ def stage1_parameters(model):
     return [p for ps in stage1_groups(model).values() for p in ps]
 
 
-def global_warmup_steps(config, total_steps) -> int:
-    """Stage-1 steps that train only the global path (see `train.global_warmup`)."""
-    return int(config.train.global_warmup * total_steps)
-
-
 def train_stage1(config: SelfBootTokConfig, out_dir, *, dataset=None, max_steps=None,
                  resume=False, total_steps=None) -> SelfBootTok:
     """Trains the tokenizer; writes `out_dir/model` (EMA weights) for stage 2."""
@@ -65,7 +60,7 @@ def train_stage1(config: SelfBootTokConfig, out_dir, *, dataset=None, max_steps=
         save_grid(rows, Path(out) / "samples" / f"stage1_step{step:06d}.png", scale=3)
 
     total = total_steps or config.train.stage1_steps
-    warm = global_warmup_steps(config, total)
+    warm = int(config.train.global_warmup * total)  # steps that train only the global path
     loop = TrainLoop(model, stage1_groups(model),
                      lambda m, b: m.stage1_losses(b[0], full_path=loop.step >= warm),
                      total, out_dir, stage="stage1",
