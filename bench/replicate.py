@@ -35,7 +35,8 @@ from selfboottok.eval.report import save_grid
 from selfboottok.models import BootstrapDecoder
 from selfboottok.models.tokenizer import PixelDecoder
 from selfboottok.training import train_stage1, train_stage2
-from selfboottok.training.stages import stage1_parameters
+from selfboottok.training.losses import stage1_losses, stage2_losses
+from selfboottok.training.stages import stage1_parameters, stage2_parameters
 
 # ---------------------------------------------------------------------------------------------
 # sizes: everything that sets the run time is here
@@ -269,11 +270,11 @@ def estimate(sizes_full, sizes, seeds, extractor) -> dict:
     for mode in MODES:
         model = SelfBootTok(model_config(mode, 0, sizes_full)).train()
         for stage in ("stage1", "stage2"):
-            params = stage1_parameters(model) if stage == "stage1" else model.stage2_parameters()
+            params = stage1_parameters(model) if stage == "stage1" else stage2_parameters(model)
             opt = torch.optim.AdamW(params, lr=0.0)
 
             def step():
-                loss = (model.stage1_losses(x) if stage == "stage1" else model.stage2_losses(x, y))["loss"]
+                loss = (stage1_losses(model, x) if stage == "stage1" else stage2_losses(model, x, y))["loss"]
                 opt.zero_grad()
                 loss.backward()
                 opt.step()

@@ -12,7 +12,8 @@ import torch
 from _common import RESULTS, machine_name, timed, write_results
 
 from selfboottok import SelfBootTok, SelfBootTokConfig
-from selfboottok.training.stages import stage1_parameters
+from selfboottok.training.losses import stage1_losses, stage2_losses
+from selfboottok.training.stages import stage1_parameters, stage2_parameters
 
 
 def _train_step(model, params, loss_fn, autocast):
@@ -37,12 +38,12 @@ def measure(config, batch, device, repeats, sample_steps):
     row = {}
     model.train()
     # the first call initialises the VQ codebook from the batch, then the timed steps run
-    step1 = _train_step(model, stage1_parameters(model), lambda: model.stage1_losses(images), autocast)
+    step1 = _train_step(model, stage1_parameters(model), lambda: stage1_losses(model, images), autocast)
     t, _ = timed(step1, repeats, sync, warmup=2)
     row["stage1_img_s"] = batch / t
     for p in model.tokenizer.encoder.parameters():
         p.requires_grad_(False)
-    step2 = _train_step(model, model.stage2_parameters(), lambda: model.stage2_losses(images, labels), autocast)
+    step2 = _train_step(model, stage2_parameters(model), lambda: stage2_losses(model, images, labels), autocast)
     t, _ = timed(step2, repeats, sync, warmup=2)
     row["stage2_img_s"] = batch / t
     model.eval()

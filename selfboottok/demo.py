@@ -17,7 +17,8 @@ from selfboottok.eval.metrics import psnr
 from selfboottok.eval.report import save_grid
 from selfboottok.pipeline import SelfBootTok
 from selfboottok.training import train_stage1, train_stage2
-from selfboottok.training.stages import merge_stage2, stage1_parameters
+from selfboottok.training.losses import generator_losses, stage1_losses, stage2_losses
+from selfboottok.training.stages import merge_stage2, stage1_parameters, stage2_parameters
 
 # the tiny preset, trained for a budget instead of a step count
 DEMO = {"train.batch_size": 32, "train.warmup_steps": 20, "train.log_every": 10,
@@ -36,7 +37,7 @@ def _timings(config, dataset, job, full_path=True) -> tuple:
     """(one-time seconds, seconds per step) of a job, from a throwaway model: the step is the
     fastest of two after a warm-up; the generator job's one-time cost tokenizes the dataset."""
     model = SelfBootTok(config).train()
-    params = stage1_parameters(model) if job == "stage1" else model.stage2_parameters((job,))
+    params = stage1_parameters(model) if job == "stage1" else stage2_parameters(model, (job,))
     opt = torch.optim.AdamW(params, lr=0.0)
     idx = torch.arange(config.train.batch_size) % len(dataset)
     images = torch.stack([dataset[int(i)][0] for i in idx])
@@ -50,11 +51,11 @@ def _timings(config, dataset, job, full_path=True) -> tuple:
     for _ in range(3):
         t = time.perf_counter()
         if job == "stage1":
-            losses = model.stage1_losses(images, full_path)
+            losses = stage1_losses(model, images, full_path)
         elif job == "generator":
-            losses = model.generator_losses(ids, labels)
+            losses = generator_losses(model, ids, labels)
         else:
-            losses = model.stage2_losses(images, labels, (job,))
+            losses = stage2_losses(model, images, labels, (job,))
         opt.zero_grad()
         losses["loss"].backward()
         opt.step()

@@ -1,15 +1,13 @@
-"""SelfBootTok: tokenize, decode, reconstruct and generate with one object; the training losses
-of both stages; save/load as safetensors + JSON."""
+"""SelfBootTok: tokenize, decode, reconstruct and generate with one object; save/load as
+safetensors + JSON. The training losses are in `selfboottok.training.losses`."""
 
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import SelfBootTokConfig
@@ -147,89 +145,6 @@ class SelfBootTok(nn.Module):
             ids = model.generate(labels, guidance, temperature, top_k, top_p, rng)
         return self.decode(ids)
 
-    # training losses
-    def stage1_losses(self, images, full_path: bool = True) -> dict:
-        """Tokenizer losses: reconstruction from (global + true local) and from (global +
-        bootstrapped local), bootstrap regression, quantizer and OT alignment. `loss` is the
-        weighted total. ``full_path=False`` (SelfBootTok mode) leaves out the reconstruction
-        from the true local tokens: the global warm-up of `train.global_warmup`."""
-        c = self.config
-        images = self._check_images(images, values=False)
-        enc = self.tokenizer.encode(images)
-        out = {"quant": enc.quant_loss.float(), "perplexity": enc.perplexity.detach(),
-               "usage": enc.usage.detach()}
-        total = c.w_quant * out["quant"]
-        if full_path or not self.global_mode:
-            rec = self.tokenizer.decoder(enc.codes, enc.local_1d, enc.local_2d)
-            out["rec"] = F.mse_loss(rec.float(), images.float())
-            total = total + c.w_rec * out["rec"]
-        if self.global_mode:
-            t1, t2 = self._local_targets(images, enc)
-            b1, b2 = self.bootstrap(enc.codes)
-            rec_boot = self.tokenizer.decoder(enc.codes, b1, b2)
-            out["rec_boot"] = F.mse_loss(rec_boot.float(), images.float())
-            out["boot"] = _boot_loss(b1, b2, t1, t2)
-            out["align"] = enc.align_loss.float()
-            total = (total + c.w_rec_boot * out["rec_boot"] + c.w_boot * out["boot"]
-                     + c.w_align * out["align"])
-        out["loss"] = total
-        return out
-
-    def stage2_losses(self, images, labels, parts=("generator", "bootstrap")) -> dict:
-        """With the encoder and quantizer frozen: generator cross-entropy on the frozen ids
-        (every generator in the config) and, in SelfBootTok mode, the bootstrap decoder and
-        pixel decoder on the bootstrap path. `parts` selects either side for separate jobs."""
-        c = self.config
-        images = self._check_images(images, values=False)
-        labels = self._check_labels(labels, values=False)
-        with torch.no_grad():
-            enc = self.tokenizer.encode(images)
-        out, total = {}, 0.0
-        if "generator" in parts:
-            out = self.generator_losses(enc.ids, labels)
-            total = out.pop("loss")
-        if "bootstrap" in parts and self.global_mode:
-            b1, b2 = self.bootstrap(enc.codes)
-            rec_boot = self.tokenizer.decoder(enc.codes, b1, b2)
-            out["rec_boot"] = F.mse_loss(rec_boot.float(), images.float())
-            out["boot"] = _boot_loss(b1, b2, enc.local_1d, enc.local_2d)
-            total = total + c.w_rec_boot * out["rec_boot"] + c.w_boot * out["boot"]
-        out["loss"] = total if isinstance(total, torch.Tensor) else images.new_zeros(())
-        return out
-
-    def generator_losses(self, ids, labels) -> dict:
-        """Cross-entropy of every generator on the ids the generators model (`tokenize(x).ids`)."""
-        ids = self._check_ids(ids, self.config.num_quantized, "ids", values=False)  # no host sync
-        labels = self._check_labels(labels, values=False)
-        out = {f"gen_{kind}": gen.loss(ids, labels) for kind, gen in self.generators.items()}
-        out["loss"] = sum(out.values())
-        return out
-
-    def stage2_parameters(self, parts=("generator", "bootstrap")):
-        """The parameters stage 2 trains: generators; bootstrap decoder + pixel decoder."""
-        params = []
-        if "generator" in parts:
-            params += list(self.generators.parameters())
-        if "bootstrap" in parts and self.global_mode:
-            params += list(self.bootstrap.parameters()) + list(self.tokenizer.decoder.parameters())
-        return params
-
-    def _local_targets(self, images, enc):
-        if self.teacher is None:
-            return enc.local_1d.detach(), enc.local_2d.detach()
-        with torch.no_grad():
-            t = self.teacher.encode(images)
-        return t.local_1d, t.local_2d
-
-    @torch.no_grad()
-    def update_teacher(self):
-        """EMA step of the teacher tokenizer (when `config.ema_teacher > 0`)."""
-        if self.teacher is None:
-            return
-        d = self.config.ema_teacher
-        for t, s in zip(self.teacher.parameters(), self.tokenizer.parameters()):
-            t.lerp_(s.detach(), 1 - d)
-
     # files
     def save_pretrained(self, directory) -> None:
         from safetensors.torch import save_model
@@ -254,6 +169,3 @@ class SelfBootTok(nn.Module):
             raise ValueError(f"{directory / WEIGHTS} does not match its config: {exc}") from exc
         return model.to(map_location).eval()
 
-
-def _boot_loss(b1, b2, t1, t2):
-    return F.mse_loss(b1.float(), t1.float()) + F.mse_loss(b2.float(), t2.float())

@@ -7,6 +7,8 @@ import torch
 from selfboottok import SelfBootTok, SelfBootTokConfig
 from selfboottok.eval.flops import count_flops, generator_flops
 from selfboottok.models import Alignment, build_generator, cosine_cost
+from selfboottok.training.losses import stage1_losses, stage2_losses
+from selfboottok.training.stages import stage2_parameters, update_teacher
 
 
 def tiny(**overrides):
@@ -50,7 +52,7 @@ def test_b64_on_meta():
         assert t.global_ids.shape == (2, 64) and t.local_1d.shape == (2, 48, 16)
         assert t.local_2d.shape == (2, 256, 8)
         assert m.decode(t.global_ids).shape == (2, 3, 256, 256)
-        assert m.stage1_losses(x)["loss"].shape == ()
+        assert stage1_losses(m, x)["loss"].shape == ()
     enc = sum(p.numel() for p in m.tokenizer.encoder.parameters())
     assert 80e6 < enc < 90e6  # ViT-B, as TiTok-B-64's encoder
 
@@ -60,7 +62,7 @@ def test_b64_on_meta():
                                        {"generator_tokens": "all"}])
 def test_stage1_gradients_reach_every_parameter(gen, overrides):
     m = SelfBootTok(tiny(**overrides)).train()
-    losses = m.stage1_losses(images(gen, 2))
+    losses = stage1_losses(m, images(gen, 2))
     losses["loss"].backward()
     for name, p in m.named_parameters():
         if name.startswith("generators."):
@@ -71,7 +73,7 @@ def test_stage1_gradients_reach_every_parameter(gen, overrides):
     if overrides.get("ema_teacher"):
         before = [p.clone() for p in m.teacher.parameters()]
         torch.optim.SGD(m.parameters(), lr=0.1).step()
-        m.update_teacher()
+        update_teacher(m)
         assert any(not torch.equal(a, b) for a, b in zip(before, m.teacher.parameters()))
 
 
@@ -79,9 +81,9 @@ def test_global_warmup_losses_leave_out_the_full_path(gen):
     m = SelfBootTok(tiny()).train()
     x = images(gen, 2)
     torch.manual_seed(0)
-    full = m.stage1_losses(x)
+    full = stage1_losses(m, x)
     torch.manual_seed(0)
-    warm = m.stage1_losses(x, full_path=False)
+    warm = stage1_losses(m, x, full_path=False)
     assert "rec" in full and "rec" not in warm
     c = m.config
     torch.testing.assert_close(warm["loss"], full["loss"] - c.w_rec * full["rec"].detach())
@@ -89,19 +91,19 @@ def test_global_warmup_losses_leave_out_the_full_path(gen):
     assert m.tokenizer.to_2d.weight.grad is None  # the 2D local tokens are only targets here
     assert m.tokenizer.encoder.patch.proj.weight.grad.abs().sum() > 0
     base = SelfBootTok(tiny(generator_tokens="all"))  # no local path: full_path changes nothing
-    assert "rec" in base.stage1_losses(x, full_path=False)
+    assert "rec" in stage1_losses(base, x, full_path=False)
 
 
 def test_stage2_trains_only_generators_and_bootstrap(gen):
     m = SelfBootTok(tiny()).train()
-    losses = m.stage2_losses(images(gen, 2), [0, 5])
+    losses = stage2_losses(m, images(gen, 2), [0, 5])
     assert {"gen_maskgit", "gen_ar", "rec_boot", "boot", "loss"} <= set(losses)
     losses["loss"].backward()
-    trained = {id(p) for p in m.stage2_parameters()}
+    trained = {id(p) for p in stage2_parameters(m)}
     for name, p in m.named_parameters():
         got = p.grad is not None and p.grad.abs().sum() > 0
         assert got == (id(p) in trained), name
-    only_gen = m.stage2_losses(images(gen, 2), [0, 5], parts=("generator",))
+    only_gen = stage2_losses(m, images(gen, 2), [0, 5], parts=("generator",))
     assert set(only_gen) == {"gen_maskgit", "gen_ar", "loss"}
 
 
@@ -165,7 +167,7 @@ def test_seeded_runs_are_deterministic(gen):
     for _ in range(2):
         torch.manual_seed(0)
         m = SelfBootTok(tiny(seed=7)).train()
-        loss = m.stage1_losses(x)["loss"]
+        loss = stage1_losses(m, x)["loss"]
         loss.backward()
         runs.append((loss.detach(), m.tokenizer.to_code.weight.grad.clone(),
                      m.eval().generate([1, 2], steps=3, seed=5)))
@@ -252,7 +254,7 @@ def test_losses_and_sampling_under_bf16_autocast(gen, mode):
     x = torch.rand(4, 3, 32, 32, generator=gen) * 2 - 1
     y = torch.randint(0, 10, (4,), generator=gen)
     with torch.autocast("cpu", torch.bfloat16):
-        for losses in (m.stage1_losses(x), m.stage2_losses(x, y)):
+        for losses in (stage1_losses(m, x), stage2_losses(m, x, y)):
             assert torch.isfinite(losses["loss"])
             losses["loss"].backward()
         m.eval()

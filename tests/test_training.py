@@ -13,6 +13,7 @@ from torch.utils.data import TensorDataset
 from selfboottok import SelfBootTok, SelfBootTokConfig
 from selfboottok.training import (CheckpointError, TrainingDiverged, TrainLoop, load_checkpoint,
                                   train_stage1, train_stage2)
+from selfboottok.training.losses import stage1_losses
 from selfboottok.training.stages import merge_stage2
 
 SMALL = {"encoder.width": 64, "encoder.depth": 1, "encoder.heads": 2,
@@ -58,7 +59,7 @@ def test_stage1_resume_matches_uninterrupted_run(tmp_path):
 def test_max_steps_keeps_the_schedule(tmp_path):
     cfg = small()
     m = SelfBootTok(cfg)
-    loop = TrainLoop(m, list(m.tokenizer.parameters()), lambda m, b: m.stage1_losses(b[0]), 6,
+    loop = TrainLoop(m, list(m.tokenizer.parameters()), lambda m, b: stage1_losses(m, b[0]), 6,
                      tmp_path, stage="stage1", max_steps=2)
     loop.run(data())
     assert loop.step == 2
@@ -71,7 +72,7 @@ def test_each_part_is_clipped_on_its_own(tmp_path):
     tok, boot = list(m.tokenizer.parameters()), list(m.bootstrap.parameters())
 
     def loss_fn(model, batch):  # only the tokenizer's gradients grow
-        losses = model.stage1_losses(batch[0])
+        losses = stage1_losses(model, batch[0])
         return {**losses, "loss": losses["loss"] + 1e6 * losses["rec"]}
 
     def grads(params, out):
@@ -112,7 +113,7 @@ def test_nan_loss_stops_cleanly(tmp_path):
     calls = []
 
     def loss_fn(model, batch):
-        out = model.stage1_losses(batch[0])
+        out = stage1_losses(model, batch[0])
         calls.append(1)
         if len(calls) == 3:
             out["loss"] = out["loss"] * float("nan")

@@ -15,9 +15,8 @@ from selfboottok.eval.report import save_grid
 from selfboottok.pipeline import SelfBootTok
 
 from . import distributed as dist
+from .losses import PARTS, generator_losses, stage1_losses, stage2_losses
 from .loop import TrainLoop
-
-PARTS = ("generator", "bootstrap")
 
 
 def _dataset(config, dataset):
@@ -45,6 +44,26 @@ def stage1_parameters(model):
     return [p for ps in stage1_groups(model).values() for p in ps]
 
 
+def stage2_parameters(model, parts=PARTS):
+    """The parameters stage 2 trains: the generators; the bootstrap decoder + pixel decoder."""
+    params = []
+    if "generator" in parts:
+        params += list(model.generators.parameters())
+    if "bootstrap" in parts and model.global_mode:
+        params += list(model.bootstrap.parameters()) + list(model.tokenizer.decoder.parameters())
+    return params
+
+
+@torch.no_grad()
+def update_teacher(model):
+    """EMA step of the teacher tokenizer (when `config.ema_teacher > 0`)."""
+    if model.teacher is None:
+        return
+    d = model.config.ema_teacher
+    for t, s in zip(model.teacher.parameters(), model.tokenizer.parameters()):
+        t.lerp_(s.detach(), 1 - d)
+
+
 def train_stage1(config: SelfBootTokConfig, out_dir, *, dataset=None, max_steps=None,
                  resume=False, total_steps=None) -> SelfBootTok:
     """Trains the tokenizer; writes `out_dir/model` (EMA weights) for stage 2."""
@@ -62,10 +81,10 @@ def train_stage1(config: SelfBootTokConfig, out_dir, *, dataset=None, max_steps=
     total = total_steps or config.train.stage1_steps
     warm = int(config.train.global_warmup * total)  # steps that train only the global path
     loop = TrainLoop(model, stage1_groups(model),
-                     lambda m, b: m.stage1_losses(b[0], full_path=loop.step >= warm),
+                     lambda m, b: stage1_losses(m, b[0], full_path=loop.step >= warm),
                      total, out_dir, stage="stage1",
                      max_steps=max_steps, sample_fn=samples,
-                     after_step=lambda m: m.update_teacher(), device=device,
+                     after_step=update_teacher, device=device,
                      find_unused=warm > 0 and model.global_mode)  # no 2D-head gradients in the warm-up
     loop.run(dataset, resume=resume)
     _export(loop, Path(out_dir) / "model")
@@ -109,10 +128,10 @@ def train_stage2(config: Optional[SelfBootTokConfig], init, out_dir, *, parts=PA
 
     def loss_fn(m, batch):
         if cached:  # batch: (ids, labels)
-            return m.generator_losses(batch[0], batch[1])
-        return m.stage2_losses(batch[0], batch[1], parts)
+            return generator_losses(m, batch[0], batch[1])
+        return stage2_losses(m, batch[0], batch[1], parts)
 
-    groups = {part: model.stage2_parameters((part,)) for part in parts}
+    groups = {part: stage2_parameters(model, (part,)) for part in parts}
     loop = TrainLoop(model, {k: v for k, v in groups.items() if v}, loss_fn,
                      total_steps or config.train.stage2_steps, out_dir, stage="stage2",
                      max_steps=max_steps, sample_fn=samples, device=device)
