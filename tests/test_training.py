@@ -168,3 +168,17 @@ def test_torchrun_ddp_on_cpu(tmp_path):
     assert [r["step"] for r in records(tmp_path / "metrics.jsonl")] == [2]
     assert (tmp_path / "model/model.safetensors").is_file()
     assert load_checkpoint(tmp_path / "checkpoints/last.pt")["step"] == 2
+
+
+def test_training_progress_off_a_terminal_is_a_few_log_lines(tmp_path, capsys):
+    """Redirected output (pytest's capture is no terminal): one line per 5% of the steps, no
+    carriage-return redraws."""
+    cfg = small(**{"train.log_every": 1, "train.sample_every": 10**6, "train.ckpt_every": 10**6})
+    m = SelfBootTok(cfg)
+    loop = TrainLoop(m, list(m.tokenizer.parameters()), lambda m, b: stage1_losses(m, b[0]), 40,
+                     tmp_path, stage="stage1")
+    loop.run(data(n=8))
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("stage1:")]
+    assert "\r" not in err and len(lines) == 20, err
+    assert lines[-1].startswith("stage1: 40/40 step (100%)") and "rec=" in lines[-1]

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Subset
-from tqdm.auto import tqdm
+
+from selfboottok.progress import Progress, track
 
 from .fid import feature_stats, fid_from_features, frechet_distance, load_stats
 from .metrics import codebook_stats, inception_score, psnr, ssim
@@ -135,7 +136,7 @@ def _reconstruction_pass(model, dataset, n, batch_size, seed, what, want_rec, wa
     sums = {k: 0.0 for k in ("psnr", "ssim", "psnr_boot", "ssim_boot")}
     feats = {"real": [], "rec": [], "rec_boot": []}
     ids_all, rec_time, done = [], 0.0, 0
-    for batch in tqdm(loader, desc="reconstruct", disable=not progress, leave=False):
+    for batch in track(loader, "reconstruct", unit="batch", enabled=progress, leave=False):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         if tuple(x.shape[1:]) != want:
             raise ValueError(f"dataset images must be [{want[0]},{want[1]},{want[2]}] to match the model, "
@@ -183,7 +184,7 @@ def _generation_pass(model, n, batch_size, steps, guidance, generator, seed, wha
     C = model.config.num_classes
     labels = torch.arange(n) % C
     feats, logits, gen_time = [], [], 0.0
-    bar = tqdm(total=n, desc="generate", unit="img", disable=not progress, leave=False)
+    bar = Progress(n, "generate", unit="img", enabled=progress, leave=False)
     for b, lab in enumerate(labels.split(batch_size)):
         _sync(device)
         t0 = time.perf_counter()

@@ -13,7 +13,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
-from tqdm.auto import tqdm
+
+from selfboottok.progress import Progress
 
 from . import distributed as dist
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -177,22 +178,21 @@ class TrainLoop:
             self.out.mkdir(parents=True, exist_ok=True)
             if not resume and metrics_path.exists():
                 metrics_path.unlink()
-        bar = tqdm(total=self.stop, initial=self.step, desc=self.stage, disable=not dist.is_main(),
-                   dynamic_ncols=True)
+        bar = Progress(self.stop, self.stage, initial=self.step, unit="step", enabled=dist.is_main())
         last = {}
         t0 = time.time()
         while self.step < self.stop:
             losses = self._one_step(batches, accum)
             self.step += 1
-            bar.update(1)
             log_now = self.step % self.cfg.log_every == 0 or self.step == self.stop
             if log_now:
                 last = {"step": self.step, "lr": self.sched.get_last_lr()[0],
                         "time": round(time.time() - t0, 2), **dist.mean(losses), **_gpu_stats()}
-                bar.set_postfix({k: f"{v:.4g}" for k, v in last.items() if k in losses})
+                bar.set_postfix({k: v for k, v in last.items() if k in losses})
                 if dist.is_main():
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(last) + "\n")
+            bar.update(1)
             if self.sample_fn and (self.step % self.cfg.sample_every == 0 or self.step == self.stop):
                 if dist.is_main():
                     with self.ema_weights() as m, torch.no_grad():
