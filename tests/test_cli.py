@@ -1,15 +1,17 @@
-"""The `selfboottok` command: help on every subcommand, and the demo end to end (then
-reconstruct, generate and eval on its model)."""
+"""The `selfboottok` command: help on every subcommand, the demo end to end (then
+reconstruct, generate and eval on its model), and one line + exit status 2 for each expected
+failure."""
 
 import json
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from selfboottok.cli import build_parser
 
-SUBCOMMANDS = ["demo", "train", "merge", "reconstruct", "generate", "eval", "ops", "bench"]
+SUBCOMMANDS = ["demo", "train", "tokenize", "merge", "reconstruct", "generate", "eval", "ops", "bench"]
 
 
 def run(*args, timeout=900):
@@ -62,3 +64,139 @@ def test_demo_writes_every_output_then_reconstruct_and_generate(tmp_path):
     for key in ("psnr", "psnr_boot", "ssim", "rfid", "rfid_boot", "codebook_usage"):
         assert m[key] is not None and m[key] == m[key], key
     assert "gfid" not in m
+
+
+# Expected failures: one line `selfboottok: error: ...` on stderr, exit status 2, no traceback.
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from selfboottok import SelfBootTok
+
+    folder = tmp_path_factory.mktemp("model")
+    SelfBootTok().save_pretrained(folder)
+    return folder
+
+
+def fails(capsys, *argv, expect):
+    from selfboottok.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("selfboottok: error: "), err
+    assert "Traceback" not in err and expect in err, err
+    return err
+
+
+@pytest.mark.parametrize("setting,expect", [
+    ("encoder.size=3", "encoder has no setting 'size'"), ("colour=red", "no setting 'colour'"),
+    ("encoder=3", "is a group of settings"), ("seed", "expects KEY=VALUE"),
+    ("train.lr=abc", "train.lr=abc: expected a number"), ("seed=1.5", "expected an integer"),
+    ("ema_teacher=true", "expected a number"), ("generators=ar", "expected a list"),
+    ("image_size=30", "must be a positive multiple of patch_size"),
+])
+def test_bad_set_key_or_value(capsys, tmp_path, setting, expect):
+    fails(capsys, "train", "stage1", "--set", setting, "--out", tmp_path, expect=expect)
+
+
+def test_set_reads_numbers_yaml_leaves_as_strings():
+    from selfboottok.cli import _config, build_parser
+
+    args = build_parser().parse_args(["train", "stage1", "--set", "train.lr=3e-4", "--set",
+                                      "generators=[ar]", "--out", "x"])
+    config = _config(args)
+    assert config.train.lr == 3e-4 and config.generators == ("ar",)
+
+
+@pytest.mark.parametrize("text,expect", [(None, "does not exist"), ("a: [1, 2\n", "--config"),
+                                         ("- 1\n- 2\n", "must hold a mapping"),
+                                         ("encoder:\n  size: 3\n", "unknown field")])
+def test_bad_config_file(capsys, tmp_path, text, expect):
+    path = tmp_path / "c.yaml"
+    if text is not None:
+        path.write_text(text)
+    fails(capsys, "train", "stage1", "--config", path, "--out", tmp_path, expect=expect)
+
+
+def test_resume_without_a_checkpoint_or_from_a_truncated_one(capsys, tmp_path):
+    args = ["train", "stage1", "--samples", "8", "--resume", "--out", tmp_path]
+    fails(capsys, *args, expect="does not exist")
+    ckpt = tmp_path / "checkpoints" / "last.pt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"PK\x03\x04 truncated")
+    fails(capsys, *args, expect="truncated or corrupt")
+
+
+def test_truncated_checkpoint_in_a_subprocess_and_debug_traceback(tmp_path):
+    ckpt = tmp_path / "checkpoints" / "last.pt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"\0" * 100)
+    args = ["train", "stage1", "--samples", "8", "--resume", "--out", str(tmp_path)]
+    res = run(*args, timeout=300)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.splitlines() == [res.stderr.strip()] and "--resume: checkpoint" in res.stderr
+    res = run("--debug", *args, timeout=300)
+    assert res.returncode == 1 and "Traceback" in res.stderr and "CheckpointError" in res.stderr
+
+
+@pytest.mark.parametrize("argv", [
+    ["reconstruct", "--model", "{missing}", "{image}", "--out", "{tmp}"],
+    ["generate", "--model", "{missing}", "--out", "{tmp}"],
+    ["eval", "--model", "{missing}", "--out", "{tmp}"],
+    ["tokenize", "--model", "{missing}", "--out", "{tmp}"],
+    ["train", "stage2", "--init", "{missing}", "--out", "{tmp}"],
+    ["merge", "--generator", "{missing}", "--bootstrap", "{missing}", "--out", "{tmp}"],
+])
+def test_missing_model_folder(capsys, tmp_path, argv):
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    names = {"missing": tmp_path / "no_model", "image": tmp_path / "a.png", "tmp": tmp_path / "out"}
+    fails(capsys, *[a.format(**names) for a in argv], expect="no_model")
+
+
+def test_missing_or_unreadable_image(capsys, tmp_path, model_dir):
+    fails(capsys, "reconstruct", "--model", model_dir, tmp_path / "none.png", "--out", tmp_path,
+          expect="image " + str(tmp_path / "none.png") + ": no such file")
+    (tmp_path / "bad.png").write_bytes(b"not an image at all")
+    fails(capsys, "reconstruct", "--model", model_dir, tmp_path / "bad.png", "--out", tmp_path,
+          expect="cannot be read as an image")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+@pytest.mark.parametrize("cmd", ["generate", "eval", "tokenize", "reconstruct"])
+def test_cuda_request_without_a_gpu(capsys, tmp_path, model_dir, cmd):
+    extra = [tmp_path / "a.png"] if cmd == "reconstruct" else []
+    if extra:
+        from PIL import Image
+
+        Image.new("RGB", (32, 32)).save(extra[0])
+    fails(capsys, cmd, "--model", model_dir, *extra, "--device", "cuda", "--out", tmp_path,
+          expect="--device cuda: torch sees no CUDA GPU")
+
+
+def test_bad_device_name(capsys, tmp_path, model_dir):
+    fails(capsys, "generate", "--model", model_dir, "--device", "tpu", "--out", tmp_path,
+          expect="expected auto, cpu, cuda or cuda:N")
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "stage1", "--data", "{bad}", "--out", "{tmp}"],
+    ["eval", "--model", "{model}", "--data", "{bad}", "--out", "{tmp}"],
+    ["tokenize", "--model", "{model}", "--data", "{bad}", "--out", "{tmp}"],
+    ["train", "stage2", "--init", "{model}", "--data", "{bad}", "--out", "{tmp}"],
+])
+def test_bad_data_path(capsys, tmp_path, model_dir, argv):
+    names = {"bad": tmp_path / "no_data", "model": model_dir, "tmp": tmp_path / "out"}
+    fails(capsys, *[a.format(**names) for a in argv], expect="--data " + str(tmp_path / "no_data"))
+
+
+def test_bad_eval_what_and_other_usage_errors(capsys, tmp_path, model_dir):
+    fails(capsys, "eval", "--model", model_dir, "--what", "fid", expect="argument --what: invalid choice: 'fid'")
+    fails(capsys, "train", "stage1", "--out", tmp_path, "--bogus", expect="unrecognized arguments: --bogus")
+    fails(capsys, "train", "stage2", "--out", tmp_path, expect="needs --init")
+    fails(capsys, "train", "stage2", "--init", model_dir, "--ids", tmp_path, "--out", tmp_path,
+          expect="--ids: " + str(tmp_path) + " holds no manifest.json")
+    fails(capsys, "train", "stage2", "--init", model_dir, "--ids", tmp_path, "--parts", "bootstrap",
+          "--out", tmp_path, expect="--ids trains the generators only")

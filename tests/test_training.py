@@ -182,3 +182,54 @@ def test_training_progress_off_a_terminal_is_a_few_log_lines(tmp_path, capsys):
     lines = [line for line in err.splitlines() if line.startswith("stage1:")]
     assert "\r" not in err and len(lines) == 20, err
     assert lines[-1].startswith("stage1: 40/40 step (100%)") and "rec=" in lines[-1]
+
+
+def test_tokenize_then_train_on_ids_matches_cached_tokens(tmp_path, capsys):
+    """`selfboottok tokenize` then `train stage2 --ids` reaches the generator weights of the
+    generator job that tokenizes the images itself (train.cache_tokens); the ids resume by
+    shard and are refused for another tokenizer."""
+    from selfboottok.cli import main
+    from selfboottok.data import build_dataset
+    from selfboottok.data.ids import IdsDataset, read_manifest
+
+    train_stage1(small(), tmp_path / "s1", dataset=data(), max_steps=2)
+    init, ids = tmp_path / "s1/model", tmp_path / "ids"
+    tokenize = ["tokenize", "--model", str(init), "--data", "synthetic", "--samples", "24",
+                "--shard-size", "10", "--batch-size", "7", "--device", "cpu", "--out", str(ids)]
+    main(tokenize)
+    m = read_manifest(ids)
+    assert (m["n"], m["num_shards"], m["shard_size"], m["seq_len"], m["ids_dtype"]) == (24, 3, 10, 16, "uint16")
+    assert m["source"]["data"] == "synthetic" and m["config"]["num_global"] == 16 and len(m["tokenizer"]) == 64
+    main(["train", "stage2", "--init", str(init), "--ids", str(ids), "--max-steps", "2",
+          "--out", str(tmp_path / "g_ids")])
+    images = build_dataset("synthetic", 32, n=24, seed=0)
+    cached = train_stage2(None, init, tmp_path / "g_img", parts=["generator"], dataset=images, max_steps=2)
+    from_ids = SelfBootTok.from_pretrained(tmp_path / "g_ids/model")
+    with_ema = SelfBootTok.from_pretrained(tmp_path / "g_img/model")
+    for (name, a), b in zip(from_ids.generators.state_dict().items(), with_ema.generators.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert records(tmp_path / "g_ids/metrics.jsonl")[-1]["gen_ar"] == records(tmp_path / "g_img/metrics.jsonl")[-1]["gen_ar"]
+    stored = IdsDataset(ids, cached)
+    assert torch.equal(torch.stack([stored[i][0] for i in range(24)]), cached.tokenize(torch.stack([images[i][0] for i in range(24)])).ids)
+
+    # resume: finished shards are kept, the missing one is written again
+    kept = (ids / "ids-00000.npy").stat().st_mtime_ns
+    (ids / "ids-00001.npy").unlink()
+    with pytest.raises(ValueError, match="ids-00001.npy cannot be read"):
+        IdsDataset(ids)
+    (ids / "manifest.json").write_text(json.dumps({**m, "complete": False}))  # as an interrupted run leaves it
+    with pytest.raises(ValueError, match="unfinished"):
+        IdsDataset(ids)
+    capsys.readouterr()
+    main(tokenize)
+    assert "tokenize: 24/24 img (100%)" in capsys.readouterr().err
+    assert (ids / "ids-00000.npy").stat().st_mtime_ns == kept and (ids / "ids-00001.npy").is_file()
+    assert torch.equal(torch.stack([stored[i][0] for i in range(24)]), torch.stack([IdsDataset(ids)[i][0] for i in range(24)]))
+
+    # another tokenizer: refused for training and for writing into the same folder
+    SelfBootTok(small(seed=1)).save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match="another tokenizer"):
+        train_stage2(None, tmp_path / "other", tmp_path / "g_other", parts=["generator"], ids=ids, max_steps=1)
+    with pytest.raises(SystemExit):
+        main([*tokenize[:2], str(tmp_path / "other"), *tokenize[3:]])
+    assert "holds ids of another run (different tokenizer" in capsys.readouterr().err

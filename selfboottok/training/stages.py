@@ -7,10 +7,9 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from torch.utils.data import DataLoader, TensorDataset
-from tqdm.auto import tqdm
 
 from selfboottok.config import SelfBootTokConfig
+from selfboottok.data.ids import IdsDataset, tokenize_dataset
 from selfboottok.eval.report import save_grid
 from selfboottok.pipeline import SelfBootTok
 
@@ -92,14 +91,18 @@ def train_stage1(config: SelfBootTokConfig, out_dir, *, dataset=None, max_steps=
 
 
 def train_stage2(config: Optional[SelfBootTokConfig], init, out_dir, *, parts=PARTS,
-                 dataset=None, max_steps=None, resume=False, total_steps=None) -> SelfBootTok:
+                 dataset=None, ids=None, max_steps=None, resume=False, total_steps=None) -> SelfBootTok:
     """Freezes the encoder and quantizer of the stage-1 model in `init` and trains `parts`:
     the generators on the frozen ids and/or the bootstrap + pixel decoder, from one data pass.
     Two jobs (``parts=("generator",)`` and ``("bootstrap",)``) can run side by side; join
-    their outputs with :func:`merge_stage2`."""
+    their outputs with :func:`merge_stage2`. `ids`, instead of `dataset`: a folder written by
+    `selfboottok tokenize` (`selfboottok.data.ids.write_ids`) with this tokenizer's ids, for
+    the generator job."""
     parts = tuple(parts)
     if not parts or any(p not in PARTS for p in parts):
         raise ValueError(f"parts must be a non-empty subset of {PARTS}, got {parts}")
+    if ids is not None and (parts != ("generator",) or dataset is not None):
+        raise ValueError("ids train the generators only: pass parts=('generator',) and no dataset")
     device = dist.init()
     base = SelfBootTok.from_pretrained(init)
     config = base.config if config is None else config
@@ -108,9 +111,13 @@ def train_stage2(config: Optional[SelfBootTokConfig], init, out_dir, *, parts=PA
     model.tokenizer.load_state_dict(base.tokenizer.state_dict())
     if model.bootstrap is not None and config.bootstrap == base.config.bootstrap:
         model.bootstrap.load_state_dict(base.bootstrap.state_dict())  # else: a new (larger) one
-    dataset = _dataset(config, dataset)
+    cached = ids is not None or (parts == ("generator",) and config.train.cache_tokens)
+    if ids is not None:
+        dataset = IdsDataset(ids, model)  # checked against this tokenizer
+    else:
+        dataset = _dataset(config, dataset)
     classes = torch.arange(min(10, config.num_classes)).repeat_interleave(4)
-    shown = _fixed_images(dataset).to(device)
+    shown = None if cached else _fixed_images(dataset).to(device)
 
     def samples(m, step, out):
         folder = Path(out) / "samples"
@@ -122,9 +129,8 @@ def train_stage2(config: Optional[SelfBootTokConfig], init, out_dir, *, parts=PA
             rows = [shown, m.reconstruct(shown), m.reconstruct(shown, bootstrap=True)]
             save_grid(rows, folder / f"stage2_bootstrap_step{step:06d}.png", scale=3)
 
-    cached = parts == ("generator",) and config.train.cache_tokens
-    if cached:
-        dataset = tokenize_dataset(model, dataset, device, config.train.batch_size)
+    if cached and ids is None:  # ids of the frozen tokenizer, computed once (by every rank)
+        dataset = tokenize_dataset(model, dataset, device, config.train.batch_size, dist.is_main())
 
     def loss_fn(m, batch):
         if cached:  # batch: (ids, labels)
@@ -138,19 +144,6 @@ def train_stage2(config: Optional[SelfBootTokConfig], init, out_dir, *, parts=PA
     loop.run(dataset, resume=resume)
     _export(loop, Path(out_dir) / "model")
     return model
-
-
-@torch.no_grad()
-def tokenize_dataset(model, dataset, device, batch_size=64) -> TensorDataset:
-    """(ids, label) pairs of every image: what the generators train on, computed once with the
-    frozen tokenizer. Every rank tokenizes the whole set."""
-    model.to(device).eval()
-    ids, labels = [], []
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    for images, y in tqdm(loader, desc="tokenize", disable=not dist.is_main(), leave=False):
-        ids.append(model.tokenize(images.to(device)).ids.to(torch.int32).cpu())
-        labels.append(torch.as_tensor(y).long())
-    return TensorDataset(torch.cat(ids), torch.cat(labels))
 
 
 def merge_stage2(generator_dir, bootstrap_dir, out_dir) -> SelfBootTok:
