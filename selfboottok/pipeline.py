@@ -1,5 +1,6 @@
 """SelfBootTok: tokenize, decode, reconstruct and generate with one object; save/load as
-safetensors + JSON. The training losses are in `selfboottok.training.losses`."""
+safetensors + JSON, from a local folder or the Hugging Face Hub. The training losses are in
+`selfboottok.training.losses`."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 from typing import NamedTuple, Optional
 
 import torch
+from huggingface_hub import ModelHubMixin
 from torch import nn
 
 from .config import SelfBootTokConfig
@@ -25,9 +27,12 @@ class TokenizeResult(NamedTuple):
     ids: torch.Tensor  # what the generator models: global_ids, or all K_g + K_l ids (baseline)
 
 
-class SelfBootTok(nn.Module):
+class SelfBootTok(nn.Module, ModelHubMixin, library_name="selfboottok",
+                  tags=["image-tokenizer", "class-conditional-image-generation"]):
     """The whole method. ``config.generator_tokens="global"`` (default) is SelfBootTok;
-    ``"all"`` is the TiTok-style baseline. Parameters are initialised from ``config.seed``."""
+    ``"all"`` is the TiTok-style baseline. Parameters are initialised from ``config.seed``.
+    `save_pretrained` / `from_pretrained` / `push_to_hub` read and write model.safetensors +
+    config.json (no pickle), in a local folder or a Hugging Face Hub repository."""
 
     def __init__(self, config: Optional[SelfBootTokConfig] = None):
         super().__init__()
@@ -146,19 +151,51 @@ class SelfBootTok(nn.Module):
         return self.decode(ids)
 
     # files
-    def save_pretrained(self, directory) -> None:
+    def _save_pretrained(self, save_directory: Path) -> None:
         from safetensors.torch import save_model
 
-        directory = Path(directory)
+        self.config.save(Path(save_directory) / CONFIG)
+        save_model(self, str(Path(save_directory) / WEIGHTS))
+
+    def save_pretrained(self, save_directory, *, config=None, model_card_kwargs=None) -> None:
+        """Writes model.safetensors and config.json into `save_directory` (created if needed);
+        `push_to_hub` also writes a model card (README.md), from `model_card_kwargs`."""
+        if config is not None:
+            raise ValueError("config: a SelfBootTok saves its own config; leave it None")
+        directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.config.save(directory / CONFIG)
-        save_model(self, str(directory / WEIGHTS))
+        self._save_pretrained(directory)
+        if model_card_kwargs is not None and not (directory / "README.md").exists():
+            self.generate_model_card(**model_card_kwargs).save(directory / "README.md")
+
+    def push_to_hub(self, repo_id: str, *, model_card_kwargs=None, **kwargs) -> str:
+        """Uploads model.safetensors, config.json and a model card to the Hub repository
+        `repo_id` (created if missing) in one commit; `kwargs` as in
+        `huggingface_hub.ModelHubMixin.push_to_hub` (token, private, branch, commit_message,
+        create_pr...). Returns the commit's URL."""
+        return super().push_to_hub(repo_id, model_card_kwargs=model_card_kwargs or {}, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, directory, map_location="cpu") -> "SelfBootTok":
+    def from_pretrained(cls, pretrained_model_name_or_path, map_location="cpu", *, revision=None,
+                        cache_dir=None, force_download=False, token=None,
+                        local_files_only=False) -> "SelfBootTok":
+        """A model from a folder written by `save_pretrained`, or from a Hugging Face Hub
+        repository id (``"owner/name"``; `revision`, `cache_dir`, `force_download`, `token`
+        and `local_files_only` are passed to the download). A path that exists locally is
+        always read as a folder."""
+        return cls._from_pretrained(model_id=str(pretrained_model_name_or_path), revision=revision,
+                                    cache_dir=cache_dir, force_download=force_download,
+                                    local_files_only=local_files_only, token=token,
+                                    map_location=map_location)
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id, revision=None, cache_dir=None, force_download=False,
+                         local_files_only=False, token=None, map_location="cpu", **_):
         from safetensors.torch import load_model
 
-        directory = Path(directory)
+        directory = _model_folder(model_id, revision=revision, cache_dir=cache_dir,
+                                  force_download=force_download, token=token,
+                                  local_files_only=local_files_only)
         for name in (CONFIG, WEIGHTS):
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"{directory} is not a SelfBootTok model: {name} is missing")
@@ -169,3 +206,33 @@ class SelfBootTok(nn.Module):
             raise ValueError(f"{directory / WEIGHTS} does not match its config: {exc}") from exc
         return model.to(map_location).eval()
 
+
+def _is_hub_id(name: str) -> bool:
+    """``name`` or ``owner/name``, as the Hub accepts them, and not written as a path."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _model_folder(name: str, **download) -> Path:
+    """The local folder of a model: `name` itself when it exists, else a Hub download of
+    config.json and model.safetensors (into the Hub cache)."""
+    path = Path(name).expanduser()
+    if path.exists() or not _is_hub_id(name):
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path} is not a SelfBootTok model folder ({CONFIG} and {WEIGHTS}): "
+                                    f"{'it is a file' if path.exists() else 'it does not exist'}")
+        return path
+    import huggingface_hub
+
+    try:
+        return Path(huggingface_hub.snapshot_download(name, allow_patterns=[CONFIG, WEIGHTS], **download))
+    except Exception as exc:
+        raise FileNotFoundError(f"{name} is no local folder, and no model could be downloaded from the "
+                                f"Hugging Face Hub repository {name!r}: {type(exc).__name__}: {exc}") from exc

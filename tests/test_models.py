@@ -1,6 +1,8 @@
 """SelfBootTok models and pipeline: shapes, gradients, the ids-only decode path, the two
 generator modes, OT alignment against POT, save/load, determinism, FLOPs and bad inputs."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -279,3 +281,51 @@ def test_region_pool_is_the_mean_over_region_index(gen, grid, n):
     else:  # raster runs: each region's mean lies within its patches' range, in order
         centres = torch.stack([torch.arange(grid * grid, dtype=torch.float64)[idx == r].mean() for r in range(n)])
         assert torch.all(centres[1:] > centres[:-1])
+
+
+def test_hub_loading_and_push_offline(model, gen, tmp_path, monkeypatch):
+    """from_pretrained takes a Hub id (the download mocked to return a local folder) and
+    push_to_hub uploads config.json, model.safetensors and a model card (the upload mocked)."""
+    import huggingface_hub
+
+    folder = tmp_path / "local"
+    model.save_pretrained(folder)
+    calls = []
+
+    def download(repo_id, **kwargs):
+        calls.append((repo_id, kwargs))
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+    loaded = SelfBootTok.from_pretrained("someone/selfboottok-tiny", revision="v1")
+    assert calls[0][0] == "someone/selfboottok-tiny" and calls[0][1]["revision"] == "v1"
+    assert set(calls[0][1]["allow_patterns"]) == {"config.json", "model.safetensors"}
+    x = images(gen, 2)
+    assert torch.equal(loaded.reconstruct(x), model.reconstruct(x))
+    assert SelfBootTok.from_pretrained(folder) is not None and len(calls) == 1  # a local folder: no download
+
+    def offline(repo_id, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(FileNotFoundError, match="someone/missing.*no network"):
+        SelfBootTok.from_pretrained("someone/missing")
+
+    pushed = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        pushed.update(repo_id=repo_id, files={p.name: p.read_bytes() for p in Path(folder_path).iterdir()})
+        return f"https://huggingface.co/{repo_id}/commit/0"
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    url = model.push_to_hub("someone/selfboottok-tiny", token="hf_fake")
+    assert url.endswith("/commit/0") and pushed["repo_id"] == "someone/selfboottok-tiny"
+    assert set(pushed["files"]) == {"config.json", "model.safetensors", "README.md"}
+    assert pushed["files"]["model.safetensors"] == (folder / "model.safetensors").read_bytes()
+    assert b"selfboottok" in pushed["files"]["README.md"]
+    with pytest.raises(FileNotFoundError, match="it does not exist"):
+        SelfBootTok.from_pretrained("./not/a/folder")  # a path, never a Hub id
