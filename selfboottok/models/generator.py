@@ -9,9 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfboottok.ops import attention
-
-from .layers import Transformer, init_weights
+from .layers import KVCache, Transformer, init_weights
 
 __all__ = ["MaskGIT", "ARGenerator", "build_generator", "sample_logits"]
 
@@ -143,11 +141,11 @@ class ARGenerator(_TokenTransformer):
                  generator=None):
         B, T = labels.shape[0], self.seq_len
         lab = labels if guidance == 0 else torch.cat([labels, self.null(labels)])
-        cache = _KVCache(self, lab.shape[0], T + 1)
+        cache = KVCache(T + 1)
         x = self.cls(lab)[:, None] + self.pos[:1]
         out = []
         for t in range(T):
-            logits = self.head(cache.step(x))[:, -1]
+            logits = self.head(self.vit(x, causal=True, cache=cache))[:, -1]
             if guidance != 0:
                 logits = _cfg(*logits.chunk(2), guidance)
             nxt = sample_logits(logits, temperature, top_k, top_p, generator)
@@ -155,37 +153,6 @@ class ARGenerator(_TokenTransformer):
             tok = nxt if guidance == 0 else torch.cat([nxt, nxt])
             x = self.tok(tok)[:, None] + self.pos[t + 1 : t + 2]
         return torch.stack(out, 1)
-
-
-class _KVCache:
-    """Per-layer keys/values preallocated to the full length on the first step, in the dtype
-    the projections give (bf16 under autocast); `step` runs the new positions through every
-    block, attending to everything cached so far."""
-
-    def __init__(self, model, batch, length):
-        self.model, self.len, self.batch, self.length = model, 0, batch, length
-        self.k = self.v = None
-
-    def step(self, x):
-        n = x.shape[1]
-        lo, hi = self.len, self.len + n
-        for i, block in enumerate(self.model.vit.blocks):
-            a = block.attn
-            h = block.norm1(x)
-            k, v = a._heads(a.k_proj(h)), a._heads(a.v_proj(h))
-            if self.k is None:
-                shape = (self.batch, k.shape[1], self.length, k.shape[3])
-                self.k = [k.new_zeros(shape) for _ in self.model.vit.blocks]
-                self.v = [v.new_zeros(shape) for _ in self.model.vit.blocks]
-            self.k[i][:, :, lo:hi] = k
-            self.v[i][:, :, lo:hi] = v
-            o = attention(a._heads(a.q_proj(h)), self.k[i][:, :, :hi], self.v[i][:, :, :hi],
-                          causal=True)
-            B, _, L, _ = o.shape
-            x = x + a.out_proj(o.transpose(1, 2).reshape(B, L, -1))
-            x = x + block.mlp(block.norm2(x))
-        self.len = hi
-        return self.model.vit.norm(x)
 
 
 def build_generator(kind, config):

@@ -9,7 +9,7 @@ from torch import nn
 
 from selfboottok.ops import MultiheadAttention
 
-__all__ = ["MultiheadAttention", "Block", "Transformer", "PatchEmbed", "LearnedQueries",
+__all__ = ["MultiheadAttention", "Block", "Transformer", "KVCache", "PatchEmbed", "LearnedQueries",
            "sincos_2d", "unpatchify", "init_weights"]
 
 
@@ -35,9 +35,10 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, mlp_ratio)
 
-    def forward(self, x, context=None, causal=False, key_padding_mask=None):
+    def forward(self, x, context=None, causal=False, key_padding_mask=None, cache=None):
+        """`cache`: this block's slot of a :class:`KVCache` (decoding new positions only)."""
         h = self.norm1(x)
-        x = x + self.attn(h, causal=causal, key_padding_mask=key_padding_mask)
+        x = x + self.attn(h, causal=causal, key_padding_mask=key_padding_mask, cache=cache)
         if self.cross is not None:
             chunks = context if isinstance(context, (list, tuple)) else [context]
             x = x + self.cross(self.norm_x(x), [self.norm_ctx(c) for c in chunks])
@@ -52,10 +53,46 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, cross) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, x, context=None, causal=False):
-        for block in self.blocks:
-            x = block(x, context, causal)
+    def forward(self, x, context=None, causal=False, cache=None):
+        """With a :class:`KVCache`, `x` holds only the positions after those cached, which
+        then join the cache (causal decoding one or a few positions at a time)."""
+        for i, block in enumerate(self.blocks):
+            x = block(x, context, causal, cache=None if cache is None else cache[i])
         return self.norm(x)
+
+
+class KVCache:
+    """Keys and values of the positions decoded so far, one slot per block, for up to `length`
+    positions: ``Transformer(x_new, causal=True, cache=cache)`` attends from the new positions
+    to every cached one and to themselves, through the same blocks as the full forward."""
+
+    def __init__(self, length: int):
+        self.length = int(length)
+        self.slots: dict[int, _Slot] = {}
+
+    def __getitem__(self, layer: int) -> "_Slot":
+        return self.slots.setdefault(layer, _Slot(self.length))
+
+
+class _Slot:
+    """One block's keys and values, preallocated on the first append to the full length in the
+    dtype the projections give (bf16 under autocast)."""
+
+    def __init__(self, length):
+        self.length, self.size, self.k, self.v = length, 0, None, None
+
+    def append(self, k, v):
+        k, v = torch.cat(k, 2), torch.cat(v, 2)  # [B, H, n, D] from the chunks
+        lo, hi = self.size, self.size + k.shape[2]
+        if hi > self.length:
+            raise ValueError(f"KVCache holds {self.length} positions, {hi} requested")
+        if self.k is None:
+            shape = (k.shape[0], k.shape[1], self.length, k.shape[3])
+            self.k, self.v = k.new_empty(shape), v.new_empty(shape)
+        self.k[:, :, lo:hi] = k
+        self.v[:, :, lo:hi] = v
+        self.size = hi
+        return [self.k[:, :, :hi]], [self.v[:, :, :hi]]
 
 
 class PatchEmbed(nn.Module):

@@ -312,14 +312,18 @@ class MultiheadAttention(nn.Module):
         self.v_proj = nn.Linear(kv_dim, dim, bias=qkv_bias)
         self.out_proj = nn.Linear(dim, dim)
 
-    def forward(self, x, context=None, key_padding_mask=None, causal=False):
+    def forward(self, x, context=None, key_padding_mask=None, causal=False, cache=None):
         """x ``[B,L,dim]``; context ``[B,Lk,kv_dim]`` or a list of such chunks (default x);
-        key_padding_mask bool ``[B,Lk]``. Returns ``[B,L,dim]``."""
+        key_padding_mask bool ``[B,Lk]``. `cache` (incremental decoding): an object whose
+        ``append(k, v)`` stores this call's key and value chunks and returns all those stored so
+        far, which are attended to instead. Returns ``[B,L,dim]``."""
         context = x if context is None else context
         chunks = list(context) if isinstance(context, (list, tuple)) else [context]
         q = self._heads(self.q_proj(x))
         k = [self._heads(self.k_proj(c)) for c in chunks]
         v = [self._heads(self.v_proj(c)) for c in chunks]
+        if cache is not None:
+            k, v = cache.append(k, v)
         out = attention(q, k, v, key_padding_mask=key_padding_mask, causal=causal)
         B, _, L, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(B, L, -1))
