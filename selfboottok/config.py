@@ -48,7 +48,7 @@ class TrainConfig:
 
 @dataclass
 class SelfBootTokConfig:
-    """The method's settings (see DESIGN.md section 1). `generator_tokens="global"` is
+    """The method's settings (see docs/design.md, section 1). `generator_tokens="global"` is
     SelfBootTok; `"all"` is the TiTok-style baseline whose generator models K_g + K_l quantized
     tokens (no 2D local tokens, no bootstrap decoder)."""
 

@@ -3,7 +3,7 @@
 Each image is one antialiased shape on a flat background. The class and a few *global* factors
 (position, size, rotation, colours) set the layout; *local* factors (texture kind, frequency,
 angle and phase, fine noise, edge width) set the fine detail. That is the global/local split
-SelfBootTok claims to exploit (DESIGN.md section 1), and every factor is recorded so experiments
+SelfBootTok claims to exploit (docs/design.md, section 1), and every factor is recorded so experiments
 can probe what each token group carries.
 
 Sample ``i`` is a pure function of ``(seed, split, i)``: its factors come from a counter-based hash

@@ -205,7 +205,7 @@ def _backward(ctx, g_plan, g_f, g_g, g_value, g_value_linear, g_iters, g_err):
 
 
 def implicit_grad(plan, a, b, eps, grad_plan=None, grad_f=None, grad_g=None):
-    """d L / d cost for L(plan, f, g) at the Sinkhorn fixed point (DESIGN.md, section 2).
+    """d L / d cost for L(plan, f, g) at the Sinkhorn fixed point (docs/design.md, section 6.1).
 
     Solves the Schur complement on the smaller side in float64; the null direction (f + t,
     g - t) is lifted by a rank-one term on the support, so for f and g only the part of the
