@@ -151,8 +151,7 @@ def cmd_train(args):
         if args.init or args.ids or args.parts:
             raise CliError("--init, --ids and --parts are for train stage2")
         config = _config(args)
-        run = lambda: train_stage1(config, args.out, dataset=_dataset(args, config),  # noqa: E731
-                                   max_steps=args.max_steps, resume=args.resume)
+        dataset = _dataset(args, config)
     else:
         if not args.init:
             raise CliError("train stage2 needs --init DIR (the model folder of a stage-1 run)")
@@ -168,10 +167,12 @@ def cmd_train(args):
                 raise CliError(f"--ids: {exc}") from exc
         config = _config(args, base=_model(args.init, flag="--init").config)
         dataset = None if args.ids else _dataset(args, config)
-        run = lambda: train_stage2(config, args.init, args.out, parts=parts, dataset=dataset,  # noqa: E731
-                                   ids=args.ids, max_steps=args.max_steps, resume=args.resume)
     try:
-        run()
+        if args.stage == "stage1":
+            train_stage1(config, args.out, dataset=dataset, max_steps=args.max_steps, resume=args.resume)
+        else:
+            train_stage2(config, args.init, args.out, parts=parts, dataset=dataset, ids=args.ids,
+                         max_steps=args.max_steps, resume=args.resume)
     except CheckpointError as exc:
         raise CliError(f"--resume: {exc}") from exc
     print(f"model written to {Path(args.out) / 'model'}")
