@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,3 +63,49 @@ def write_results(out_dir: Path, op: str, machine: str, payload: dict, table: st
     json_path.write_text(json.dumps(payload, indent=2))
     md_path.write_text(table + "\n")
     return json_path, md_path
+
+
+_T0 = time.time()
+
+
+def elapsed() -> float:
+    return time.time() - _T0
+
+
+def log(msg):
+    m, s = divmod(int(elapsed()), 60)
+    print(f"[{m:3d}:{s:02d}] {msg}", flush=True)
+
+
+def mean_std(values):
+    v = np.asarray([x for x in values if x is not None], dtype=np.float64)
+    if v.size == 0:
+        return None, None
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
+
+
+def fmt(values, digits=2):
+    m, s = mean_std(values)
+    if m is None:
+        return "—"
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def train_cached(stage, config, out, dataset, data_name, steps, init=None, parts=None) -> Path:
+    """Trains a stage into `out` and returns its model folder; a finished run with the same
+    settings there (its done.json) is reused instead."""
+    from selfboottok.training import train_stage1, train_stage2
+
+    key = {"stage": stage, "config": config.to_dict(), "data": data_name, "n": len(dataset),
+           "steps": steps, "init": str(init), "parts": parts}
+    done = Path(out) / "done.json"
+    if done.is_file() and json.loads(done.read_text()) == key:
+        log(f"  reusing {out}")
+        return Path(out) / "model"
+    if stage == "stage1":
+        train_stage1(config, out, dataset=dataset, total_steps=steps)
+    else:
+        train_stage2(config, init, out, dataset=dataset, total_steps=steps,
+                     **({"parts": parts} if parts else {}))
+    done.write_text(json.dumps(key))
+    return Path(out) / "model"

@@ -17,24 +17,22 @@ import glob
 import json
 import math
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from _common import ROOT, machine_name, timed
+from _common import ROOT, elapsed, fmt, log, machine_name, mean_std, timed, train_cached
 
 from selfboottok import SelfBootTok, SelfBootTokConfig
 from selfboottok.data import GLOBAL_FACTORS, LOCAL_FACTORS, build_dataset
 from selfboottok.eval.fid import fid_from_features
 from selfboottok.eval.flops import count_flops, generator_flops
 from selfboottok.eval.metrics import codebook_stats, psnr, ssim
-from selfboottok.eval.probes import linear_probe
+from selfboottok.eval.probes import token_probes
 from selfboottok.eval.report import save_grid
 from selfboottok.models import BootstrapDecoder
 from selfboottok.models.tokenizer import PixelDecoder
-from selfboottok.training import train_stage1, train_stage2
 from selfboottok.training.losses import stage1_losses, stage2_losses
 from selfboottok.training.stages import stage1_parameters, stage2_parameters
 
@@ -64,57 +62,12 @@ MODES = {"global": "SelfBootTok", "all": "baseline"}
 ALIGNMENTS = ("ot", "avgpool", "softmax")
 SAMPLE_STEPS, GUIDANCE = 8, 1.0  # MaskGIT sampling for gFID, throughput and FLOPs
 TRAIN_GENERATORS = ("maskgit",)  # gFID uses MaskGIT; AR is only timed (untrained) in section 1
-# circular factors -> period; regressed as (cos, sin) of the phase
-CIRCULAR = {"hue": 1.0, "bg_hue": 1.0, "texture_angle": math.pi, "texture_phase": 2 * math.pi}
-CATEGORICAL = ("label", "texture")
-TEXTURED_ONLY = ("texture_freq", "texture_angle", "texture_phase")  # undefined without a texture
-
-_T0 = time.time()
-
-
-def log(msg):
-    m, s = divmod(int(time.time() - _T0), 60)
-    print(f"[{m:3d}:{s:02d}] {msg}", flush=True)
-
-
-def mean_std(values):
-    v = np.asarray([x for x in values if x is not None], dtype=np.float64)
-    if v.size == 0:
-        return None, None
-    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
-
-
-def fmt(values, digits=2):
-    m, s = mean_std(values)
-    if m is None:
-        return "—"
-    return f"{m:.{digits}f} ± {s:.{digits}f}"
-
 
 def model_config(mode, seed, sizes, **over):
     train = {"train.batch_size": sizes["batch_size"], "train.warmup_steps": 20, "train.log_every": 10,
              "train.sample_every": 10**9, "train.ckpt_every": 10**9}
     return SelfBootTokConfig.preset("tiny", generator_tokens=mode, seed=seed,
                                     generators=list(TRAIN_GENERATORS), **train, **over)
-
-
-# ---------------------------------------------------------------------------------------------
-# training, reused from --work when a run with the same settings finished there
-
-def train(stage, config, out, dataset, data_name, steps, init=None, parts=None) -> Path:
-    key = {"stage": stage, "config": config.to_dict(), "data": data_name, "n": len(dataset),
-           "steps": steps, "init": str(init), "parts": parts}
-    done = out / "done.json"
-    if done.is_file() and json.loads(done.read_text()) == key:
-        log(f"  reusing {out}")
-        return out / "model"
-    if stage == "stage1":
-        train_stage1(config, out, dataset=dataset, total_steps=steps)
-    else:
-        train_stage2(config, init, out, dataset=dataset, total_steps=steps,
-                     **({"parts": parts} if parts else {}))
-    done.write_text(json.dumps(key))
-    return out / "model"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,42 +131,6 @@ def eval_generation(model, real_feats, extractor, seed) -> dict:
                       for b, lab in enumerate(labels.split(64))])
     return {"gfid": fid_from_features(features(extractor, imgs), real_feats), "_gen": imgs[:8]}
 
-
-@torch.no_grad()
-def probe_features(model, images):
-    glob_, loc = [], []
-    for x in images.split(64):
-        t = model.tokenize(x)
-        glob_.append(model.tokenizer.codes(t.global_ids).flatten(1))
-        loc.append(torch.cat([t.local_1d.flatten(1), t.local_2d.flatten(1)], 1))
-    return {"global tokens": torch.cat(glob_).double().numpy(), "local tokens": torch.cat(loc).double().numpy()}
-
-
-def factor_target(table, name):
-    v = table[name]
-    if name in CIRCULAR:
-        a = 2 * math.pi * v / CIRCULAR[name]
-        return np.stack([np.cos(a), np.sin(a)], 1)
-    return v
-
-
-def run_probes(model, probe) -> dict:
-    """Per factor and token group: R² (continuous) or accuracy (categorical) on the test split."""
-    tr, te = probe_features(model, probe["train_images"]), probe_features(model, probe["test_images"])
-    out = {}
-    for name in GLOBAL_FACTORS + LOCAL_FACTORS:
-        mtr, mte = np.ones(len(probe["train_table"]["label"]), bool), np.ones(len(probe["test_table"]["label"]), bool)
-        if name in TEXTURED_ONLY:
-            mtr, mte = probe["train_table"]["texture"] > 0, probe["test_table"]["texture"] > 0
-        kind = "classification" if name in CATEGORICAL else "regression"
-        ytr, yte = factor_target(probe["train_table"], name)[mtr], factor_target(probe["test_table"], name)[mte]
-        out[name] = {src: linear_probe(tr[src][mtr], ytr, te[src][mte], yte, kind)
-                     for src in ("global tokens", "local tokens")}
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# section 1: compute
 
 def decoder_flops(config) -> dict:
     """Forward FLOPs per image of the pixel decoder and (SelfBootTok) the bootstrap decoder."""
@@ -383,8 +300,8 @@ def run(args, mode_name, sizes, seeds, out, work) -> dict:
                 where = work / name / mode / f"seed{seed}"
                 cfg = model_config(mode, seed, sizes)
                 log(f"{name} / {label} / seed {seed}: stage 1 ({S1} steps), stage 2 ({S2} steps)")
-                s1 = train("stage1", cfg, where / "stage1", d["train"], name, S1)
-                s2 = train("stage2", cfg, where / "stage2", d["train"], name, S2, init=s1)
+                s1 = train_cached("stage1", cfg, where / "stage1", d["train"], name, S1)
+                s2 = train_cached("stage2", cfg, where / "stage2", d["train"], name, S2, init=s1)
                 model = SelfBootTok.from_pretrained(s2)
                 log("  evaluating (reconstruction, rFID, gFID)")
                 r = eval_reconstruction(model, d["test"], d["real"], extractor)
@@ -397,12 +314,14 @@ def run(args, mode_name, sizes, seeds, out, work) -> dict:
                     alignment["ot"][str(seed)] = _public(
                         eval_reconstruction(SelfBootTok.from_pretrained(s1), d["test"], d["real"],
                                             extractor, fid_paths=("full",)))
-                    probes[str(seed)] = run_probes(model, probe)
+                    probes[str(seed)] = token_probes(model, probe["train_images"], probe["train_table"],
+                                                    probe["test_images"], probe["test_table"],
+                                                    GLOBAL_FACTORS + LOCAL_FACTORS)
                     for key, sc in scaling.items():
                         boot_cfg = model_config(mode, seed, sizes, bootstrap={
                             "width": sc["width"], "depth": sc["depth"], "heads": sc["heads"]})
                         log(f"  scaling: bootstrap decoder {key}, stage 2 ({S2} steps, bootstrap side)")
-                        m = SelfBootTok.from_pretrained(train("stage2", boot_cfg, where / f"scaling-{key}", d["train"],
+                        m = SelfBootTok.from_pretrained(train_cached("stage2", boot_cfg, where / f"scaling-{key}", d["train"],
                                                               name, S2, init=s1, parts=["bootstrap"]))
                         sc["params"] = sum(p.numel() for p in m.bootstrap.parameters())
                         sc["by_seed"][str(seed)] = _public(
@@ -412,13 +331,13 @@ def run(args, mode_name, sizes, seeds, out, work) -> dict:
         for seed in seeds:
             cfg = model_config("global", seed, sizes, alignment=align)
             log(f"alignment {align} / seed {seed}: stage 1 ({S1} steps)")
-            s1 = train("stage1", cfg, work / "synthetic" / f"align-{align}" / f"seed{seed}", d["train"], "synthetic", S1)
+            s1 = train_cached("stage1", cfg, work / "synthetic" / f"align-{align}" / f"seed{seed}", d["train"], "synthetic", S1)
             alignment[align][str(seed)] = _public(
                 eval_reconstruction(SelfBootTok.from_pretrained(s1), d["test"], d["real"], extractor,
                                     fid_paths=("full",)))
     res.update(quality=quality, alignment=alignment, scaling=scaling, decomposition=probes)
     res["verdict"] = verdicts(res)
-    res["wall_s"] = time.time() - _T0
+    res["wall_s"] = elapsed()
     res["plots"] = plots(res, grids, data, out)
     (out / "replication.json").write_text(json.dumps(res, indent=1))
     (out / "replication.md").write_text(report(res))

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["psnr", "ssim", "codebook_stats", "inception_score"]
+__all__ = ["psnr", "ssim", "seam_ratio", "codebook_stats", "inception_score"]
 
 
 def psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -58,6 +58,26 @@ def ssim(pred: torch.Tensor, target: torch.Tensor, window: int = 11, sigma: floa
     c1, c2 = k1**2, k2**2
     s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
     return s.mean(dim=(2, 3)).mean(1).float()
+
+
+def seam_ratio(images: torch.Tensor, patch: int) -> float:
+    """Patch seams: the mean absolute difference between neighbouring pixels across patch
+    borders, divided by the same inside patches (horizontal and vertical neighbours, all
+    channels). Natural images give about 1; a decoder that renders each patch on its own
+    gives more."""
+    if images.dim() != 4:
+        raise ValueError(f"images must be [B,C,H,W], got {tuple(images.shape)}")
+    if int(patch) < 2 or images.shape[-1] % patch or images.shape[-2] % patch:
+        raise ValueError(f"patch must be >= 2 and divide the image size, got {patch} for "
+                         f"{tuple(images.shape[-2:])}")
+    x = images.double()
+    dx = (x[..., :, 1:] - x[..., :, :-1]).abs()
+    dy = (x[..., 1:, :] - x[..., :-1, :]).abs()
+    across_x = torch.arange(1, x.shape[-1], device=x.device) % patch == 0
+    across_y = torch.arange(1, x.shape[-2], device=x.device) % patch == 0
+    border = torch.cat([dx[..., across_x].flatten(), dy[..., across_y, :].flatten()]).mean()
+    inside = torch.cat([dx[..., ~across_x].flatten(), dy[..., ~across_y, :].flatten()]).mean()
+    return float(border / inside.clamp_min(1e-12))
 
 
 def codebook_stats(ids, vocab: int) -> dict:

@@ -5,17 +5,28 @@ Continuous targets are scored by R² (1 = perfect, 0 = no better than the test m
 negative), categorical ones by the accuracy of a least-squares one-vs-rest classifier (ridge
 onto one-hot targets, argmax). The ridge strength is picked from a grid on a held-out part of
 the training split, then the probe is refit on the whole training split. Computed in float64.
+
+`mlp_probe` is the one-hidden-layer version (what a factor's non-linear read-out costs), and
+`token_probes` runs either kind over a model's global and local tokens for the factors of the
+synthetic set.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
-__all__ = ["ridge_fit", "ridge_predict", "r2_score", "linear_probe", "ALPHAS"]
+__all__ = ["ridge_fit", "ridge_predict", "r2_score", "linear_probe", "mlp_probe", "factor_target",
+           "token_features", "token_probes", "ALPHAS", "CIRCULAR"]
 
 # ridge strengths, as multiples of the number of training samples (features are standardised)
 ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+# circular factors of the synthetic set -> period; probed as the (cos, sin) of the phase
+CIRCULAR = {"hue": 1.0, "bg_hue": 1.0, "texture_angle": math.pi, "texture_phase": 2 * math.pi}
+CATEGORICAL = ("label", "texture")
+TEXTURED_ONLY = ("texture_freq", "texture_angle", "texture_phase")  # undefined without a texture
 
 
 def _f64(x, name, ndim) -> np.ndarray:
@@ -81,19 +92,11 @@ def _score(params, x, y, kind, classes):
     return float((classes[pred.argmax(1)] == y).mean())
 
 
-def linear_probe(train_x, train_y, test_x, test_y, kind: str = "regression",
-                 alphas=ALPHAS, val_fraction: float = 0.2, seed: int = 0) -> dict:
-    """Fits a ridge probe on (train_x, train_y) and scores it on (test_x, test_y).
-
-    kind="regression": targets [N] or [N,T] (e.g. cos/sin of an angle); score is R².
-    kind="classification": integer labels [N]; score is accuracy, `chance` the accuracy of
-    always guessing the most frequent training class.
-    Returns {"score", "chance", "alpha" (the chosen strength, absolute), "kind", "n_train",
-    "n_test"}."""
+def _probe_data(train_x, train_y, test_x, test_y, kind):
+    """Checked float64 features; the targets to fit (one-hot for classification), the classes
+    and the chance score."""
     if kind not in ("regression", "classification"):
         raise ValueError(f"kind must be 'regression' or 'classification', got {kind!r}")
-    if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     train_x, test_x = _f64(train_x, "train_x", 2), _f64(test_x, "test_x", 2)
     if train_x.shape[1] != test_x.shape[1]:
         raise ValueError(f"train_x and test_x feature counts differ: {train_x.shape[1]} and {test_x.shape[1]}")
@@ -108,14 +111,33 @@ def linear_probe(train_x, train_y, test_x, test_y, kind: str = "regression",
     else:
         train_y, test_y = _f64(train_y, "train_y", 2), _f64(test_y, "test_y", 2)
         classes, fit_y, chance = None, train_y, 0.0
-    n = train_x.shape[0]
-    if n != len(fit_y) or test_x.shape[0] != len(test_y):
+    if train_x.shape[0] != len(fit_y) or test_x.shape[0] != len(test_y):
         raise ValueError("features and targets need the same number of rows in each split")
+    return train_x, train_y, test_x, test_y, fit_y, classes, chance
+
+
+def _split(n, val_fraction, seed):
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     n_val = int(round(n * val_fraction))
     if n_val < 1 or n - n_val < 2:
-        raise ValueError(f"need at least 3 training samples to pick the ridge strength, got {n}")
+        raise ValueError(f"need at least 3 training samples to pick the probe's settings, got {n}")
     order = np.random.default_rng(seed).permutation(n)
-    fit_idx, val_idx = order[n_val:], order[:n_val]
+    return order[n_val:], order[:n_val]
+
+
+def linear_probe(train_x, train_y, test_x, test_y, kind: str = "regression",
+                 alphas=ALPHAS, val_fraction: float = 0.2, seed: int = 0) -> dict:
+    """Fits a ridge probe on (train_x, train_y) and scores it on (test_x, test_y).
+
+    kind="regression": targets [N] or [N,T] (e.g. cos/sin of an angle); score is R².
+    kind="classification": integer labels [N]; score is accuracy, `chance` the accuracy of
+    always guessing the most frequent training class.
+    Returns {"score", "chance", "alpha" (the chosen strength, absolute), "kind", "n_train",
+    "n_test"}."""
+    train_x, train_y, test_x, test_y, fit_y, classes, chance = _probe_data(train_x, train_y, test_x, test_y, kind)
+    n = train_x.shape[0]
+    fit_idx, val_idx = _split(n, val_fraction, seed)
     val_y = fit_y[val_idx] if kind == "regression" else train_y[val_idx]
     best = None
     for rel in alphas:
@@ -131,3 +153,109 @@ def linear_probe(train_x, train_y, test_x, test_y, kind: str = "regression",
     params = ridge_fit(train_x, fit_y, alpha)
     return {"score": _score(params, test_x, test_y, kind, classes), "chance": chance,
             "alpha": float(alpha), "kind": kind, "n_train": int(n), "n_test": int(test_x.shape[0])}
+
+
+def mlp_probe(train_x, train_y, test_x, test_y, kind: str = "regression", hidden: int = 256,
+              steps: int = 1500, lr: float = 3e-3, weight_decay: float = 1e-2,
+              val_fraction: float = 0.2, seed: int = 0) -> dict:
+    """A probe with one hidden layer (`hidden` GELU units) on standardised features, trained
+    full-batch with AdamW (cross-entropy or MSE on standardised targets). The number of steps
+    is picked on a held-out part of the training split (checked every 100 steps), then the
+    probe is retrained on the whole split for that many. Scores and return value as
+    :func:`linear_probe` (with "steps" instead of "alpha"). Seeded: the same inputs give the
+    same score."""
+    train_x, train_y, test_x, test_y, fit_y, classes, chance = _probe_data(train_x, train_y, test_x, test_y, kind)
+    n = train_x.shape[0]
+    fit_idx, val_idx = _split(n, val_fraction, seed)
+    mean, std = train_x.mean(0), train_x.std(0)
+    std = np.where(std > 1e-12, std, 1.0)
+    if kind == "regression":
+        y_mean, y_std = fit_y.mean(0), np.where(fit_y.std(0) > 1e-12, fit_y.std(0), 1.0)
+        target = (fit_y - y_mean) / y_std
+    else:
+        target = np.searchsorted(classes, train_y)
+
+    def fit(idx, n_steps, check_idx=None):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.as_tensor((train_x[idx] - mean) / std, dtype=torch.float32)
+        y = torch.as_tensor(target[idx])
+        out_dim = len(classes) if kind == "classification" else target.shape[1]
+        net = torch.nn.Sequential(torch.nn.Linear(x.shape[1], hidden), torch.nn.GELU(),
+                                  torch.nn.Linear(hidden, out_dim))
+        with torch.no_grad():
+            for m in net:
+                if isinstance(m, torch.nn.Linear):
+                    m.weight.copy_(torch.randn(m.weight.shape, generator=g) * m.weight.shape[1] ** -0.5)
+                    m.bias.zero_()
+        opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
+        loss_fn = torch.nn.functional.cross_entropy if kind == "classification" else torch.nn.functional.mse_loss
+        trail = []
+        for step in range(1, n_steps + 1):
+            loss = loss_fn(net(x), y.float() if kind == "regression" else y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if check_idx is not None and step % 100 == 0:
+                trail.append((-score(net, train_x[check_idx], train_y[check_idx] if kind == "classification"
+                                     else fit_y[check_idx]), step))
+        return net, trail
+
+    def score(net, x, y):
+        with torch.no_grad():
+            pred = net(torch.as_tensor((x - mean) / std, dtype=torch.float32)).double().numpy()
+        if kind == "classification":
+            return float((classes[pred.argmax(1)] == y).mean())
+        return r2_score(pred * y_std + y_mean, y) if len(y) > 1 else 0.0
+
+    with torch.random.fork_rng(devices=[]):
+        _, trail = fit(fit_idx, steps, val_idx)
+        best_steps = min(trail)[1]
+        net, _ = fit(np.arange(n), best_steps)
+        test_score = score(net, test_x, test_y)
+    return {"score": test_score, "chance": chance, "steps": int(best_steps), "kind": kind,
+            "n_train": int(n), "n_test": int(test_x.shape[0]), "hidden": int(hidden)}
+
+
+def factor_target(table: dict, name: str) -> np.ndarray:
+    """A synthetic-set factor as a probe target: circular factors as (cos, sin) of the phase."""
+    v = table[name]
+    if name in CIRCULAR:
+        a = 2 * math.pi * v / CIRCULAR[name]
+        return np.stack([np.cos(a), np.sin(a)], 1)
+    return v
+
+
+@torch.no_grad()
+def token_features(model, images, batch_size: int = 64) -> dict:
+    """The features probes read: "global tokens" (the quantized codes of the ids the generator
+    models, flattened; in baseline mode all K_g + K_l of them) and, in SelfBootTok mode,
+    "local tokens" (1D and 2D local tokens, flattened). float64 numpy arrays."""
+    glob_, loc = [], []
+    for x in images.split(batch_size):
+        t = model.tokenize(x)
+        glob_.append(model.tokenizer.codes(t.ids).flatten(1).double())
+        if t.local_1d is not None:
+            loc.append(torch.cat([t.local_1d.flatten(1), t.local_2d.flatten(1)], 1).double())
+    out = {"global tokens": torch.cat(glob_).cpu().numpy()}
+    if loc:
+        out["local tokens"] = torch.cat(loc).cpu().numpy()
+    return out
+
+
+def token_probes(model, train_images, train_table, test_images, test_table, factors, probe="linear",
+                 sources=("global tokens", "local tokens")) -> dict:
+    """factor -> source -> probe result (see :func:`linear_probe`), for each factor of the
+    synthetic set in `factors` and each token group in `sources` the model has. Factors that
+    only exist on textured images are probed on those. `probe`: "linear" or "mlp"."""
+    fit = {"linear": linear_probe, "mlp": mlp_probe}[probe]
+    tr, te = token_features(model, train_images), token_features(model, test_images)
+    out = {}
+    for name in factors:
+        mtr = np.ones(len(train_table["label"]), bool)
+        mte = np.ones(len(test_table["label"]), bool)
+        if name in TEXTURED_ONLY:
+            mtr, mte = train_table["texture"] > 0, test_table["texture"] > 0
+        kind = "classification" if name in CATEGORICAL else "regression"
+        ytr, yte = factor_target(train_table, name)[mtr], factor_target(test_table, name)[mte]
+        out[name] = {src: fit(tr[src][mtr], ytr, te[src][mte], yte, kind) for src in sources if src in tr}
+    return out

@@ -43,8 +43,9 @@ def stage1_losses(model, images, full_path: bool = True) -> dict:
 
 def stage2_losses(model, images, labels, parts=PARTS) -> dict:
     """With the encoder and quantizer frozen: generator cross-entropy on the frozen ids (every
-    generator in the config) and, in SelfBootTok mode, the bootstrap decoder and pixel decoder
-    on the bootstrap path. `parts` selects either side for separate jobs."""
+    generator in the config) and the decoder side: in SelfBootTok mode the bootstrap decoder and
+    pixel decoder on the bootstrap path, in baseline mode the pixel decoder on the frozen codes.
+    `parts` selects either side for separate jobs."""
     c = model.config
     images = model._check_images(images, values=False)
     labels = model._check_labels(labels, values=False)
@@ -60,6 +61,10 @@ def stage2_losses(model, images, labels, parts=PARTS) -> dict:
         out["rec_boot"] = F.mse_loss(rec_boot.float(), images.float())
         out["boot"] = _boot_loss(b1, b2, enc.local_1d, enc.local_2d)
         total = total + c.w_rec_boot * out["rec_boot"] + c.w_boot * out["boot"]
+    elif "bootstrap" in parts:  # baseline: the same job fine-tunes its pixel decoder
+        rec = model.tokenizer.decoder(enc.codes)
+        out["rec"] = F.mse_loss(rec.float(), images.float())
+        total = total + c.w_rec * out["rec"]
     out["loss"] = total if isinstance(total, torch.Tensor) else images.new_zeros(())
     return out
 

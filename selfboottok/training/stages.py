@@ -44,12 +44,15 @@ def stage1_parameters(model):
 
 
 def stage2_parameters(model, parts=PARTS):
-    """The parameters stage 2 trains: the generators; the bootstrap decoder + pixel decoder."""
+    """The parameters stage 2 trains: the generators; the bootstrap decoder (SelfBootTok mode)
+    and the pixel decoder."""
     params = []
     if "generator" in parts:
         params += list(model.generators.parameters())
-    if "bootstrap" in parts and model.global_mode:
-        params += list(model.bootstrap.parameters()) + list(model.tokenizer.decoder.parameters())
+    if "bootstrap" in parts:
+        if model.global_mode:
+            params += list(model.bootstrap.parameters())
+        params += list(model.tokenizer.decoder.parameters())
     return params
 
 
