@@ -346,9 +346,9 @@ class SyntheticShapes(Dataset):
         if len(todo):
             it = todo
             if progress:
-                from tqdm.auto import tqdm
+                from selfboottok.progress import track
 
-                it = tqdm(todo, desc=f"rendering SyntheticShapes[{self.split}]", unit="chunk")
+                it = track(todo, desc=f"rendering SyntheticShapes[{self.split}]", unit="chunk")
             for c in it:
                 self._render_chunk(int(c))
         return self._cache[:self.n], torch.from_numpy(self.labels)

@@ -187,7 +187,7 @@ def train_domain_evaluator(train_set, test_set, recipe: Optional[dict] = None,
     """Trains an evaluator on `train_set` ((image, label) pairs; SyntheticShapes gives every
     factor) and records its scores on `test_set` in ``.report``. Seeded and run on one thread,
     so it is deterministic."""
-    from tqdm.auto import tqdm
+    from selfboottok.progress import track
 
     recipe = {**RECIPE, **(recipe or {})}
     train_table, test_table = _factor_table(train_set), _factor_table(test_set)
@@ -217,7 +217,7 @@ def train_domain_evaluator(train_set, test_set, recipe: Optional[dict] = None,
             opt = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=recipe["weight_decay"])
             sched = torch.optim.lr_scheduler.OneCycleLR(opt, recipe["lr"], total_steps=total, pct_start=0.15)
             model.train()
-            steps = tqdm(range(total), desc="domain evaluator", disable=not progress, leave=False)
+            steps = track(range(total), desc="domain evaluator", unit="step", enabled=progress)
             order = None
             for step in steps:
                 if step % steps_per_epoch == 0:

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from tqdm.auto import tqdm
+
+from selfboottok.progress import Progress
 
 __all__ = ["FeatureExtractor", "TorchScriptInception", "PytorchFIDInception", "build_extractor",
            "default_weights_path", "tf_bilinear_resize", "PYTORCH_FID_WEIGHTS", "PYTORCH_FID_URL"]
@@ -142,7 +143,7 @@ class FeatureExtractor:
         else:
             total, batches = None, images
         feats, logits = [], []
-        bar = tqdm(total=total, desc=desc or self.name, unit="img", disable=not progress, leave=False)
+        bar = Progress(total, desc or self.name, unit="img", enabled=progress, leave=False)
         try:
             for batch in batches:
                 if isinstance(batch, (tuple, list)):
