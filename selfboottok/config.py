@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-__all__ = ["ViTConfig", "TrainConfig", "SelfBootTokConfig"]
+__all__ = ["ViTConfig", "TrainConfig", "LossConfig", "SelfBootTokConfig"]
 
 
 @dataclass
@@ -18,6 +18,24 @@ class ViTConfig:
     depth: int = 2
     heads: int = 4
     mlp_ratio: float = 4.0
+
+
+@dataclass
+class LossConfig:
+    """Weights of the reconstruction terms, applied to every reconstruction of both paths (the
+    sum is then weighted by `w_rec` or `w_rec_boot`), and the optional discriminator."""
+
+    l2: float = 1.0  # mean squared error
+    l1: float = 0.0  # mean absolute error
+    ssim: float = 0.0  # 1 - SSIM (11x11 Gaussian window)
+    ffl: float = 0.0  # focal frequency loss: spectrum errors weighted by their own size
+    ffl_alpha: float = 1.0
+    gan: float = 0.0  # hinge-loss PatchGAN generator term; 0 trains no discriminator
+    gan_start: float = 0.5  # fraction of stage 1 before the discriminator joins
+    gan_adaptive: bool = True  # scale the GAN term by |grad rec| / |grad gan| at the last layer
+    lecam: float = 0.0  # LeCam regularisation of the discriminator
+    disc_width: int = 32
+    disc_lr: float = 1e-4
 
 
 @dataclass
@@ -84,18 +102,25 @@ class SelfBootTokConfig:
     w_quant: float = 1.0
     w_align: float = 0.1
     seed: int = 0
+    # the pixel decoder's output head: "linear" maps each token to its patch's pixels; "conv"
+    # maps it to `head_channels` features per pixel, lays them out (depth-to-space) and refines
+    # them with `head_blocks` residual 3x3 conv blocks, so neighbouring patches are drawn together
+    decoder_head: str = "linear"
+    head_channels: int = 32
+    head_blocks: int = 1
     encoder: ViTConfig = field(default_factory=ViTConfig)
     decoder: ViTConfig = field(default_factory=ViTConfig)
     bootstrap: ViTConfig = field(default_factory=ViTConfig)
     generator: ViTConfig = field(default_factory=lambda: ViTConfig(128, 4, 4))
+    loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
-        for name in ("encoder", "decoder", "bootstrap", "generator", "train"):
+        groups = {"train": TrainConfig, "loss": LossConfig}
+        for name in ("encoder", "decoder", "bootstrap", "generator", "loss", "train"):
             sub = getattr(self, name)
             if isinstance(sub, dict):
-                cls = TrainConfig if name == "train" else ViTConfig
-                setattr(self, name, _build(cls, sub, name))
+                setattr(self, name, _build(groups.get(name, ViTConfig), sub, name))
         self.fsq_levels = tuple(self.fsq_levels)
         self.generators = tuple(self.generators)
         self.train.betas = tuple(self.train.betas)
@@ -138,6 +163,13 @@ class SelfBootTokConfig:
         need(self.quantizer in ("vq", "fsq"), f"quantizer must be 'vq' or 'fsq', got {self.quantizer!r}")
         need(self.alignment in ("ot", "avgpool", "softmax"),
              f"alignment must be 'ot', 'avgpool' or 'softmax', got {self.alignment!r}")
+        need(self.decoder_head in ("linear", "conv"),
+             f"decoder_head must be 'linear' or 'conv', got {self.decoder_head!r}")
+        need(self.head_channels >= 1 and self.head_blocks >= 0,
+             f"head_channels must be >= 1 and head_blocks >= 0, got {self.head_channels}, {self.head_blocks}")
+        for name in ("l2", "l1", "ssim", "ffl", "gan", "lecam"):
+            need(getattr(self.loss, name) >= 0, f"loss.{name} must be >= 0, got {getattr(self.loss, name)}")
+        need(0 <= self.loss.gan_start < 1, f"loss.gan_start must be in [0, 1), got {self.loss.gan_start}")
         need(self.query_init in ("learned", "pooled"),
              f"query_init must be 'learned' or 'pooled', got {self.query_init!r}")
         need(self.generator_tokens in ("global", "all"),

@@ -27,19 +27,21 @@ def _gaussian_window(size: int, sigma: float, dtype, device) -> torch.Tensor:
 
 
 def ssim(pred: torch.Tensor, target: torch.Tensor, window: int = 11, sigma: float = 1.5,
-         k1: float = 0.01, k2: float = 0.03) -> torch.Tensor:
+         k1: float = 0.01, k2: float = 0.03, dtype=None) -> torch.Tensor:
     """Per-image SSIM (Wang et al. 2004) for [B,C,H,W] images in [-1,1], computed on [0,1].
 
     Gaussian window `window`x`window` with std `sigma`, constants (k1*L)^2 and (k2*L)^2 with
     L=1, statistics over 'valid' windows only (no padding); the SSIM map is averaged over
     positions and then over channels. Images smaller than the window use the largest odd
-    window that fits. Computed in float64 (float32 on MPS)."""
+    window that fits. Computed in `dtype` (default float64, float32 on MPS); differentiable,
+    so ``1 - ssim`` serves as a training loss (in float32 there)."""
     if pred.shape != target.shape:
         raise ValueError(f"pred and target must have the same shape, got {tuple(pred.shape)} "
                          f"and {tuple(target.shape)}")
     if pred.dim() != 4:
         raise ValueError(f"pred and target must be [B,C,H,W], got {tuple(pred.shape)}")
-    dtype = torch.float32 if pred.device.type == "mps" else torch.float64
+    if dtype is None:
+        dtype = torch.float32 if pred.device.type == "mps" else torch.float64
     x = (pred.to(dtype).clamp(-1, 1) + 1) / 2
     y = (target.to(dtype).clamp(-1, 1) + 1) / 2
     B, C, H, W = x.shape

@@ -9,7 +9,7 @@ from torch import nn
 
 from selfboottok.ops import MultiheadAttention
 
-__all__ = ["MultiheadAttention", "Block", "Transformer", "KVCache", "PatchEmbed", "LearnedQueries",
+__all__ = ["MultiheadAttention", "Block", "ResBlock", "ConvHead", "Transformer", "KVCache", "PatchEmbed", "LearnedQueries",
            "sincos_2d", "unpatchify", "init_weights"]
 
 
@@ -105,6 +105,40 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x):
         return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class ResBlock(nn.Module):
+    """Two 3x3 convolutions with group norm and SiLU, added to the input."""
+
+    def __init__(self, channels):
+        super().__init__()
+        groups = max(g for g in (8, 4, 2, 1) if channels % g == 0)
+        self.body = nn.Sequential(nn.GroupNorm(groups, channels), nn.SiLU(),
+                                  nn.Conv2d(channels, channels, 3, padding=1),
+                                  nn.GroupNorm(groups, channels), nn.SiLU(),
+                                  nn.Conv2d(channels, channels, 3, padding=1))
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+class ConvHead(nn.Module):
+    """Patch tokens [B, N, W] (row-major grid) -> image [B, C, H, W]: a linear map to `hidden`
+    features per pixel of each patch, laid out as a feature map (depth-to-space), `blocks`
+    residual conv blocks and a 3x3 conv to the image: pixels on either side of a patch border
+    are computed together, so the output has no patch seams."""
+
+    def __init__(self, width, patch, grid, channels=3, hidden=32, blocks=1):
+        super().__init__()
+        self.patch, self.grid, self.hidden = patch, grid, hidden
+        self.proj = nn.Linear(width, patch * patch * hidden)
+        self.blocks = nn.Sequential(*(ResBlock(hidden) for _ in range(blocks)))
+        groups = max(g for g in (8, 4, 2, 1) if hidden % g == 0)
+        self.out = nn.Sequential(nn.GroupNorm(groups, hidden), nn.SiLU(), nn.Conv2d(hidden, channels, 3, padding=1))
+
+    def forward(self, x):
+        fmap = unpatchify(self.proj(x), self.patch, self.grid, self.hidden)
+        return self.out(self.blocks(fmap))
 
 
 def unpatchify(x, patch, grid, channels=3):

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .alignment import Alignment
-from .layers import (LearnedQueries, PatchEmbed, Transformer, init_weights, region_index, region_pool,
-                     sincos_2d, unpatchify)
+from .layers import (ConvHead, LearnedQueries, PatchEmbed, Transformer, init_weights, region_index,
+                     region_pool, sincos_2d, unpatchify)
 from .quantizer import build_quantizer
 
 __all__ = ["Encoded", "Encoder", "PixelDecoder", "Tokenizer"]
@@ -75,11 +75,19 @@ class PixelDecoder(nn.Module):
             self.local_pos = nn.Parameter(torch.zeros(config.num_local, vit.width))
             self.local_2d_in = nn.Linear(config.local_2d_dim, vit.width)
         self.vit = Transformer(vit.width, vit.depth, vit.heads, vit.mlp_ratio, cross=True)
-        self.out = nn.Linear(vit.width, config.patch_size**2 * config.channels)
+        if config.decoder_head == "conv":
+            self.out = ConvHead(vit.width, config.patch_size, config.grid, config.channels,
+                                config.head_channels, config.head_blocks)
+        else:
+            self.out = nn.Linear(vit.width, config.patch_size**2 * config.channels)
         if config.query_init == "pooled":  # grid cell p starts from the code of its region
             self.register_buffer("region", region_index(config.grid, config.num_quantized), persistent=False)
         else:
             self.region = None
+
+    def last_layer(self) -> torch.Tensor:
+        """The weight of the layer that outputs pixels (for the adaptive GAN weight)."""
+        return self.out.out[-1].weight if isinstance(self.out, ConvHead) else self.out.weight
 
     def forward(self, codes, local_1d=None, local_2d=None):
         B = codes.shape[0]
@@ -93,6 +101,8 @@ class PixelDecoder(nn.Module):
             context.append(self.local_in(local_1d) + self.local_pos)
         h = self.vit(x, context)
         c = self.config
+        if c.decoder_head == "conv":
+            return self.out(h)
         return unpatchify(self.out(h), c.patch_size, c.grid, c.channels)
 
 

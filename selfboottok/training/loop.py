@@ -8,7 +8,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 from torch import nn
@@ -78,11 +78,16 @@ class TrainLoop:
     `checkpoints/last.pt` (atomic), samples via `sample_fn(model, step, out_dir)` (called with
     the EMA weights in place), `loss_curves.png`. `total_steps` sets the LR schedule;
     `max_steps` stops earlier without changing it. `find_unused`: some steps leave parameters
-    without gradients (DDP must look for them)."""
+    without gradients (DDP must look for them). `after_step(model)` runs after each optimizer
+    step; a dict it returns is logged with the losses. `extra_state`: name -> an object with
+    `state_dict`/`load_state_dict` (e.g. a discriminator) saved in and resumed from the
+    checkpoint."""
 
     def __init__(self, model, params, loss_fn, total_steps, out_dir, *, stage="train",
-                 max_steps=None, sample_fn=None, after_step=None, device=None, find_unused=False):
+                 max_steps=None, sample_fn=None, after_step=None, device=None, find_unused=False,
+                 extra_state=None):
         self.model, self.loss_fn, self.stage = model, loss_fn, stage
+        self.extra_state = dict(extra_state or {})
         self.cfg = model.config.train
         self.total = int(total_steps)
         self.stop = self.total if max_steps is None else min(self.total, int(max_steps))
@@ -121,7 +126,8 @@ class TrainLoop:
     def state(self) -> dict:
         return {"stage": self.stage, "step": self.step, "model": self.model.state_dict(),
                 "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-                "ema": self.ema, "rng": rng_state(), "config": self.model.config.to_dict()}
+                "ema": self.ema, "rng": rng_state(), "config": self.model.config.to_dict(),
+                "extra": {k: v.state_dict() for k, v in self.extra_state.items()}}
 
     def save(self):
         if dist.is_main():
@@ -140,6 +146,8 @@ class TrainLoop:
         self.sched.load_state_dict(state["scheduler"])
         for e, saved in zip(self.ema, state["ema"]):
             e.copy_(saved)
+        for name, obj in self.extra_state.items():
+            obj.load_state_dict(state["extra"][name])
         set_rng_state(state["rng"])
         self.step = int(state["step"])
 
@@ -242,7 +250,7 @@ class TrainLoop:
         with torch.no_grad():
             torch._foreach_lerp_(self.ema, [p.detach().float() for p in self.params], 1 - decay)
         if self.after_step:
-            self.after_step(self.model)
+            totals.update(self.after_step(self.model) or {})
         return totals
 
 

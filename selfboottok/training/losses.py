@@ -8,44 +8,63 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["stage1_losses", "stage2_losses", "generator_losses", "PARTS"]
+from selfboottok.eval.metrics import ssim
+
+__all__ = ["stage1_losses", "stage2_losses", "generator_losses", "reconstruction_loss",
+           "focal_frequency_loss", "PARTS"]
 
 PARTS = ("generator", "bootstrap")
 
 
-def stage1_losses(model, images, full_path: bool = True) -> dict:
+def stage1_losses(model, images, full_path: bool = True, adversary=None) -> dict:
     """Tokenizer losses: reconstruction from (global + true local) and from (global +
     bootstrapped local), bootstrap regression, quantizer and OT alignment. ``full_path=False``
     (SelfBootTok mode) leaves out the reconstruction from the true local tokens: the global
-    warm-up of `train.global_warmup`."""
+    warm-up of `train.global_warmup`. `adversary` (a `training.adversarial.Adversary`) adds
+    its generator term for every reconstruction."""
     c = model.config
     images = model._check_images(images, values=False)
     enc = model.tokenizer.encode(images)
     out = {"quant": enc.quant_loss.float(), "perplexity": enc.perplexity.detach(),
            "usage": enc.usage.detach()}
     total = c.w_quant * out["quant"]
+    gan = []
     if full_path or not model.global_mode:
         rec = model.tokenizer.decoder(enc.codes, enc.local_1d, enc.local_2d)
-        out["rec"] = F.mse_loss(rec.float(), images.float())
+        out["rec"] = reconstruction_loss(rec, images, c.loss)
+        out["mse"] = F.mse_loss(rec.detach().float(), images.float())
         total = total + c.w_rec * out["rec"]
+        gan.append((rec, c.w_rec * out["rec"]))
     if model.global_mode:
         t1, t2 = _local_targets(model, images, enc)
         b1, b2 = model.bootstrap(enc.codes)
         rec_boot = model.tokenizer.decoder(enc.codes, b1, b2)
-        out["rec_boot"] = F.mse_loss(rec_boot.float(), images.float())
+        out["rec_boot"] = reconstruction_loss(rec_boot, images, c.loss)
+        out["mse_boot"] = F.mse_loss(rec_boot.detach().float(), images.float())
         out["boot"] = _boot_loss(b1, b2, t1, t2)
         out["align"] = enc.align_loss.float()
         total = (total + c.w_rec_boot * out["rec_boot"] + c.w_boot * out["boot"]
                  + c.w_align * out["align"])
+        gan.append((rec_boot, c.w_rec_boot * out["rec_boot"]))
+    if adversary is not None:
+        out["gan"] = _adversarial(model, images, gan, adversary)
+        total = total + out["gan"]
     out["loss"] = total
     return out
 
 
-def stage2_losses(model, images, labels, parts=PARTS) -> dict:
+def _adversarial(model, images, recs, adversary):
+    """The adversary's generator terms of (reconstruction, its weighted loss) pairs."""
+    last = model.tokenizer.decoder.last_layer()
+    return sum(adversary.generator_loss(images, rec, rec_loss, last) for rec, rec_loss in recs)
+
+
+def stage2_losses(model, images, labels, parts=PARTS, adversary=None) -> dict:
     """With the encoder and quantizer frozen: generator cross-entropy on the frozen ids (every
     generator in the config) and the decoder side: in SelfBootTok mode the bootstrap decoder and
     pixel decoder on the bootstrap path, in baseline mode the pixel decoder on the frozen codes.
-    `parts` selects either side for separate jobs."""
+    `parts` selects either side for separate jobs; `adversary`, as in :func:`stage1_losses`,
+    for the decoder side."""
     c = model.config
     images = model._check_images(images, values=False)
     labels = model._check_labels(labels, values=False)
@@ -58,13 +77,18 @@ def stage2_losses(model, images, labels, parts=PARTS) -> dict:
     if "bootstrap" in parts and model.global_mode:
         b1, b2 = model.bootstrap(enc.codes)
         rec_boot = model.tokenizer.decoder(enc.codes, b1, b2)
-        out["rec_boot"] = F.mse_loss(rec_boot.float(), images.float())
+        out["rec_boot"] = reconstruction_loss(rec_boot, images, c.loss)
         out["boot"] = _boot_loss(b1, b2, enc.local_1d, enc.local_2d)
         total = total + c.w_rec_boot * out["rec_boot"] + c.w_boot * out["boot"]
+        decoded = (rec_boot, c.w_rec_boot * out["rec_boot"])
     elif "bootstrap" in parts:  # baseline: the same job fine-tunes its pixel decoder
         rec = model.tokenizer.decoder(enc.codes)
-        out["rec"] = F.mse_loss(rec.float(), images.float())
+        out["rec"] = reconstruction_loss(rec, images, c.loss)
         total = total + c.w_rec * out["rec"]
+        decoded = (rec, c.w_rec * out["rec"])
+    if "bootstrap" in parts and adversary is not None:
+        out["gan"] = _adversarial(model, images, [decoded], adversary)
+        total = total + out["gan"]
     out["loss"] = total if isinstance(total, torch.Tensor) else images.new_zeros(())
     return out
 
@@ -76,6 +100,35 @@ def generator_losses(model, ids, labels) -> dict:
     out = {f"gen_{kind}": gen.loss(ids, labels) for kind, gen in model.generators.items()}
     out["loss"] = sum(out.values())
     return out
+
+
+def reconstruction_loss(rec, images, loss_cfg):
+    """The weighted sum of the reconstruction terms of `loss_cfg` (a LossConfig) that have a
+    weight, in float32."""
+    rec, images = rec.float(), images.float()
+    total = rec.new_zeros(())
+    if loss_cfg.l2:
+        total = total + loss_cfg.l2 * F.mse_loss(rec, images)
+    if loss_cfg.l1:
+        total = total + loss_cfg.l1 * F.l1_loss(rec, images)
+    if loss_cfg.ssim:
+        total = total + loss_cfg.ssim * (1 - ssim(rec, images, dtype=torch.float32).mean())
+    if loss_cfg.ffl:
+        total = total + loss_cfg.ffl * focal_frequency_loss(rec, images, loss_cfg.ffl_alpha)
+    return total
+
+
+def focal_frequency_loss(rec, images, alpha: float = 1.0):
+    """Squared errors of the 2D spectra (orthonormal FFT per channel), each weighted by its own
+    magnitude to the power `alpha`, normalised by the image's largest and not differentiated:
+    the frequencies the decoder gets most wrong (edges, textures) count most (Jiang et al.,
+    "Focal Frequency Loss for Image Reconstruction and Synthesis", 2021)."""
+    diff = torch.fft.fft2(rec.float(), norm="ortho") - torch.fft.fft2(images.float(), norm="ortho")
+    dist = diff.real.square() + diff.imag.square()
+    with torch.no_grad():
+        w = dist.sqrt().pow(alpha)
+        w = w / w.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1, 1)
+    return (w * dist).mean()
 
 
 def _local_targets(model, images, enc):

@@ -82,12 +82,19 @@ def train_stage1(config: SelfBootTokConfig, out_dir, *, dataset=None, max_steps=
 
     total = total_steps or config.train.stage1_steps
     warm = int(config.train.global_warmup * total)  # steps that train only the global path
+    adversary = _adversary(config, int(config.loss.gan_start * total), device)
+
+    def after_step(m):
+        update_teacher(m)
+        return adversary.discriminator_step() if adversary else None
+
     loop = TrainLoop(model, stage1_groups(model),
-                     lambda m, b: stage1_losses(m, b[0], full_path=loop.step >= warm),
+                     lambda m, b: stage1_losses(m, b[0], full_path=loop.step >= warm, adversary=adversary),
                      total, out_dir, stage="stage1",
                      max_steps=max_steps, sample_fn=samples,
-                     after_step=update_teacher, device=device,
-                     find_unused=warm > 0 and model.global_mode)  # no 2D-head gradients in the warm-up
+                     after_step=after_step, device=device,
+                     find_unused=warm > 0 and model.global_mode,  # no 2D-head gradients in the warm-up
+                     extra_state={"adversary": adversary} if adversary else None)
     loop.run(dataset, resume=resume)
     _export(loop, Path(out_dir) / "model")
     return model
@@ -135,18 +142,32 @@ def train_stage2(config: Optional[SelfBootTokConfig], init, out_dir, *, parts=PA
     if cached and ids is None:  # ids of the frozen tokenizer, computed once (by every rank)
         dataset = tokenize_dataset(model, dataset, device, config.train.batch_size, dist.is_main())
 
+    # a fresh discriminator, from the job's first step: the decoder it judges is trained already
+    adversary = _adversary(config, 0, device) if "bootstrap" in parts else None
+
     def loss_fn(m, batch):
         if cached:  # batch: (ids, labels)
             return generator_losses(m, batch[0], batch[1])
-        return stage2_losses(m, batch[0], batch[1], parts)
+        return stage2_losses(m, batch[0], batch[1], parts, adversary=adversary)
 
     groups = {part: stage2_parameters(model, (part,)) for part in parts}
     loop = TrainLoop(model, {k: v for k, v in groups.items() if v}, loss_fn,
                      total_steps or config.train.stage2_steps, out_dir, stage="stage2",
-                     max_steps=max_steps, sample_fn=samples, device=device)
+                     max_steps=max_steps, sample_fn=samples, device=device,
+                     after_step=(lambda m: adversary.discriminator_step()) if adversary else None,
+                     extra_state={"adversary": adversary} if adversary else None)
     loop.run(dataset, resume=resume)
     _export(loop, Path(out_dir) / "model")
     return model
+
+
+def _adversary(config, start, device):
+    """The discriminator side of `loss.gan` (None when it is off)."""
+    if config.loss.gan <= 0:
+        return None
+    from .adversarial import Adversary
+
+    return Adversary(config, start, device)
 
 
 def merge_stage2(generator_dir, bootstrap_dir, out_dir) -> SelfBootTok:
@@ -163,7 +184,7 @@ def merge_stage2(generator_dir, bootstrap_dir, out_dir) -> SelfBootTok:
 
 
 def _same_tokenizer(a: SelfBootTokConfig, b: SelfBootTokConfig):
-    keep = ("train", "generator", "generators", "class_dropout", "seed", "bootstrap",
+    keep = ("train", "loss", "generator", "generators", "class_dropout", "seed", "bootstrap",
             "w_rec", "w_rec_boot", "w_boot", "w_quant", "w_align", "ema_teacher")
     da = {k: v for k, v in a.to_dict().items() if k not in keep}
     db = {k: v for k, v in b.to_dict().items() if k not in keep}
