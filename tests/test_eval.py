@@ -357,3 +357,83 @@ def test_evaluate_model_with_real_inception(tiny_model, inception):
     for k in ("rfid", "rfid_boot", "gfid"):
         assert math.isfinite(r[k]) and r[k] > 0, k
     assert r["is_mean"] is None and r["is_std"] is None  # default_1.pt has no classifier
+
+
+@pytest.fixture(scope="module")
+def tiny_evaluator(tmp_path_factory):
+    from selfboottok.eval.domain import domain_evaluator
+
+    return domain_evaluator("synthetic", 32, recipe={"n_train": 256, "n_test": 64, "epochs": 1, "width": 8},
+                            cache_dir=tmp_path_factory.mktemp("domain"), progress=False)
+
+
+DOMAIN_KEYS = {"class_acc", "class_acc_per_class", "domain_fd", "precision", "recall"}
+SLOT_KEYS = {"slot_entropy", "slot_mass_min", "slot_mass_max", "slot_mass_profile"}
+
+
+def test_evaluate_model_all_includes_the_domain_metrics_only_with_an_evaluator(tiny_model, tiny_evaluator):
+    ds = build_dataset("synthetic", n=12, split="test")
+    kw = dict(what="all", n=8, extractor=StubExtractor(), batch_size=4, steps=2, progress=False)
+    without = evaluate_model(tiny_model, ds, **kw)
+    assert not DOMAIN_KEYS & set(without) and without["evaluator"] is None
+    assert SLOT_KEYS <= set(without) and 0 < without["slot_entropy"] <= 1
+    r = evaluate_model(tiny_model, ds, evaluator=tiny_evaluator, sweep_guidance=[0, 2], **kw)
+    assert DOMAIN_KEYS <= set(r) and ALL_KEYS <= set(r) and r["evaluator"] == tiny_evaluator.report
+    assert [row["guidance"] for row in r["guidance_sweep"]] == [0.0, 2.0]
+    # the same seed, settings and real images: the default guidance's figures equal the run's
+    assert r["gfid"] == pytest.approx(without["gfid"], rel=1e-9)
+    with pytest.raises(ValueError, match=r"needs evaluator="):
+        evaluate_model(tiny_model, ds, what=("psnr", "class_acc"), n=8, progress=False)
+    with pytest.raises(ValueError, match="sweep_guidance needs evaluator"):
+        evaluate_model(tiny_model, ds, what="psnr", n=8, sweep_guidance=[1], progress=False)
+    baseline = SelfBootTok(SelfBootTokConfig.preset("tiny", generator_tokens="all", num_classes=4)).eval()
+    with pytest.raises(ValueError, match="tells 10 classes apart, the model generates 4"):
+        evaluate_model(baseline, ds, what="class_acc", n=8, evaluator=tiny_evaluator, progress=False)
+
+
+def test_evaluate_model_with_precomputed_real_features_and_separate_sizes(tiny_model):
+    from selfboottok.eval.evaluate import real_features, slot_evenness
+
+    ds = build_dataset("synthetic", n=10, split="test")
+    images = ds.tensors()[0]
+    ext = StubExtractor()
+    kw = dict(n=10, extractor=ext, batch_size=4, steps=2, progress=False)
+    computed = evaluate_model(tiny_model, ds, what=("psnr", "rfid", "gfid", "codebook", "slots"), n_ref=6, **kw)
+    real = real_features(images[:6], extractor=ext, progress=False)
+    assert real["domain"] is None and real["inception"].shape == (6, 32)
+    given = evaluate_model(tiny_model, images, what=("psnr", "rfid", "gfid", "codebook", "slots"),
+                           real={"inception": real["inception"]}, **kw)
+    for key in ("psnr", "psnr_boot", "ssim", "rfid", "rfid_boot", "gfid", "codebook_usage", "slot_entropy"):
+        assert given[key] == pytest.approx(computed[key], rel=1e-6), key
+    assert given["n"] == 10 and given["n_ref"] == 6 and given["gfid_reference"] == "6 real images"
+    # PSNR over all 10 images; rFID on the first 6 against their features
+    rec = tiny_model.reconstruct(images)
+    assert given["psnr"] == pytest.approx(psnr(rec, images).mean().item(), rel=1e-5)
+    assert given["rfid"] == pytest.approx(fid_from_features(ext(rec[:6]), real["inception"]), rel=1e-6)
+    # rFID on the chosen paths only; the gFID reference needs no dataset
+    only_boot = evaluate_model(tiny_model, images, what="rfid", real=real, rfid_paths=("boot",), **kw)
+    assert only_boot["rfid"] is None and only_boot["rfid_boot"] == pytest.approx(given["rfid_boot"], rel=1e-6)
+    gen_only = evaluate_model(tiny_model, None, what="gfid", real=real, n_gen=8, **kw)
+    assert gen_only["n"] == 0 and gen_only["n_generated"] == 8
+    mass = tiny_model.tokenizer.encode(images).slot_mass
+    assert given["slot_mass_profile"] == pytest.approx(slot_evenness(mass)["slot_mass_profile"], rel=1e-5)
+    with pytest.raises(ValueError, match=r"real\['inception'\] holds 6 images' features, n_ref is 4"):
+        evaluate_model(tiny_model, images, what="rfid", real=real, n_ref=4, **kw)
+    with pytest.raises(ValueError, match="real must map"):
+        evaluate_model(tiny_model, images, what="rfid", real={"fid": real["inception"]}, **kw)
+    with pytest.raises(ValueError, match="rfid_paths"):
+        evaluate_model(tiny_model, images, what="rfid", rfid_paths=("global",), **kw)
+    with pytest.raises(ValueError, match="dataset is needed"):
+        evaluate_model(tiny_model, None, what="psnr", **kw)
+
+
+def test_slot_evenness_known_cases():
+    from selfboottok.eval.evaluate import slot_evenness
+
+    even = slot_evenness(torch.ones(3, 4))
+    assert even["slot_entropy"] == pytest.approx(1.0) and even["slot_mass_profile"] == [1.0] * 4
+    one = slot_evenness(torch.tensor([[4.0, 0, 0, 0], [0, 0, 4.0, 0]]))
+    assert one["slot_entropy"] == pytest.approx(0.0, abs=1e-9)
+    assert one["slot_mass_max"] == 4.0 and one["slot_mass_min"] == 0.0 and one["slot_mass_profile"] == [4.0, 0, 0, 0]
+    with pytest.raises(ValueError, match="mass must be"):
+        slot_evenness(torch.ones(4))
