@@ -26,9 +26,8 @@ from _common import ROOT, elapsed, fmt, log, machine_name, mean_std, timed, trai
 
 from selfboottok import SelfBootTok, SelfBootTokConfig
 from selfboottok.data import GLOBAL_FACTORS, LOCAL_FACTORS, build_dataset
-from selfboottok.eval.fid import fid_from_features
+from selfboottok.eval.evaluate import evaluate_model, real_features
 from selfboottok.eval.flops import count_flops, generator_flops
-from selfboottok.eval.metrics import codebook_stats, psnr, ssim
 from selfboottok.eval.probes import token_probes
 from selfboottok.eval.report import save_grid
 from selfboottok.models import BootstrapDecoder
@@ -71,65 +70,27 @@ def model_config(mode, seed, sizes, **over):
 
 
 # ---------------------------------------------------------------------------------------------
-# evaluation: FIDs are exact low-rank Fréchet distances (fid_from_features) against the
-# features of the first n_fid test images, extracted once per dataset
+# evaluation: evaluate_model on every test image (PSNR/SSIM, codebook, slot mass); FIDs are
+# exact low-rank Fréchet distances against the Inception features of the first n_fid test
+# images, extracted once per dataset; gFID on n_fid MaskGIT samples
 
-def features(extractor, images):
-    return extractor.extract(images, batch_size=32, progress=False)[0]
-
-
-@torch.no_grad()
-def eval_reconstruction(model, images, real_feats, extractor, fid_paths=("full", "boot")) -> dict:
-    """PSNR/SSIM on every test image, both paths; rFID on the first len(real_feats) images for
-    `fid_paths`; codebook use; slot mass of the 1D local slots."""
-    cfg, boot = model.config, model.global_mode
-    full, rec_boot, ids, mass = [], [], [], []
-    for x in images.split(64):
-        t = model.tokenize(x)
-        ids.append(t.global_ids)
-        if boot:
-            full.append(model.decode(t.ids, t.local_1d, t.local_2d))
-            rec_boot.append(model.decode(t.ids))
-            mass.append(model.tokenizer.encode(x).slot_mass.float())
-        else:
-            full.append(model.decode(t.ids))
-    full = torch.cat(full)
-    out = {"psnr": psnr(full, images).mean().item(), "ssim": ssim(full, images).mean().item(),
-           "psnr_boot": None, "ssim_boot": None, "rfid": None, "rfid_boot": None}
-    stats = codebook_stats(torch.cat(ids), cfg.vocab_size)
-    out["codebook_usage"], out["codebook_perplexity"] = stats["usage"], stats["perplexity"]
-    n = len(real_feats)
-    if "full" in fid_paths:
-        out["rfid"] = fid_from_features(features(extractor, full[:n]), real_feats)
-    if boot:
-        rec_boot = torch.cat(rec_boot)
-        out["psnr_boot"] = psnr(rec_boot, images).mean().item()
-        out["ssim_boot"] = ssim(rec_boot, images).mean().item()
-        if "boot" in fid_paths:
-            out["rfid_boot"] = fid_from_features(features(extractor, rec_boot[:n]), real_feats)
-        out.update(slot_evenness(torch.cat(mass)))
-    out["_images"] = {"full": full[:8], "boot": rec_boot[:8] if boot else None}
-    return out
+RECONSTRUCTION = ("psnr", "ssim", "rfid", "codebook", "slots")
 
 
-def slot_evenness(mass) -> dict:
-    """`mass` [B,K]: K x the share of the image each 1D slot takes (all ones when even)."""
-    K = mass.shape[1]
-    p = (mass / mass.sum(1, keepdim=True)).clamp_min(1e-12)
-    entropy = (-(p * p.log()).sum(1) / math.log(K)).mean().item()
-    profile = mass.sort(1, descending=True).values.mean(0)
-    return {"slot_entropy": entropy, "slot_mass_min": mass.min(1).values.mean().item(),
-            "slot_mass_max": mass.max(1).values.mean().item(), "slot_mass_profile": profile.tolist()}
+def evaluate(model, d, extractor, what=RECONSTRUCTION + ("gfid",), seed=0, rfid_paths=("full", "boot")) -> dict:
+    return evaluate_model(model, d["test"], what=what, n=len(d["test"]), n_gen=len(d["real"]),
+                          extractor=extractor, real={"inception": d["real"]}, rfid_paths=rfid_paths,
+                          batch_size=64, steps=SAMPLE_STEPS, guidance=GUIDANCE, generator="maskgit",
+                          seed=seed * 1000, progress=False)
 
 
 @torch.no_grad()
-def eval_generation(model, real_feats, extractor, seed) -> dict:
-    n, C = len(real_feats), model.config.num_classes
-    labels = torch.arange(n) % C
-    imgs = torch.cat([model.generate(lab.tolist(), steps=SAMPLE_STEPS, guidance=GUIDANCE,
-                                     generator="maskgit", seed=seed * 1000 + b)
-                      for b, lab in enumerate(labels.split(64))])
-    return {"gfid": fid_from_features(features(extractor, imgs), real_feats), "_gen": imgs[:8]}
+def sample_rows(model, images, seed):
+    """The first seed's grid rows: reconstructions of 8 test images on both paths, 8 samples."""
+    rec = {"full": model.reconstruct(images[:8]),
+           "boot": model.reconstruct(images[:8], bootstrap=True) if model.global_mode else None}
+    return rec, model.generate(list(range(8)), steps=SAMPLE_STEPS, guidance=GUIDANCE, generator="maskgit",
+                               seed=seed * 1000)
 
 
 def decoder_flops(config) -> dict:
@@ -197,7 +158,7 @@ def estimate(sizes_full, sizes, seeds, extractor) -> dict:
                 opt.step()
             per_step[f"{mode}/{stage}"] = timed(step, 1, lambda: None)[0]
     imgs = torch.rand(8, 3, 32, 32) * 2 - 1
-    per_image = timed(lambda: features(extractor, imgs), 1, lambda: None)[0] / len(imgs)
+    per_image = timed(lambda: extractor.extract(imgs, 32, progress=False), 1, lambda: None)[0] / len(imgs)
 
     def total(sz):
         s1, s2, n = sz["stage1_steps"] * sz["batch_size"] / B, sz["stage2_steps"] * sz["batch_size"] / B, sz["n_fid"]
@@ -281,7 +242,8 @@ def run(args, mode_name, sizes, seeds, out, work) -> dict:
         test_images = torch.stack([img for img, _ in build_dataset(name, 32, n=sizes["n_test"], seed=0, split="test")])
         log(f"{name}: Inception features of {sizes['n_fid']} real test images")
         data[name] = {"train": train_set, "test": test_images,
-                      "real": features(extractor, test_images[:sizes["n_fid"]])}
+                      "real": real_features(test_images[:sizes["n_fid"]], extractor=extractor, batch_size=32,
+                                            progress=False)["inception"]}
     ptr = build_dataset("synthetic", 32, n=sizes["n_probe_train"], seed=0)
     pte = build_dataset("synthetic", 32, n=sizes["n_probe_test"], seed=0, split="test")
     probe = {"train_images": ptr.tensors()[0].clone(), "test_images": pte.tensors()[0].clone(),
@@ -304,16 +266,13 @@ def run(args, mode_name, sizes, seeds, out, work) -> dict:
                 s2 = train_cached("stage2", cfg, where / "stage2", d["train"], name, S2, init=s1)
                 model = SelfBootTok.from_pretrained(s2)
                 log("  evaluating (reconstruction, rFID, gFID)")
-                r = eval_reconstruction(model, d["test"], d["real"], extractor)
-                r.update(eval_generation(model, d["real"], extractor, seed))
+                quality[name][mode][str(seed)] = evaluate(model, d, extractor, seed=seed)
                 if seed == seeds[0]:
-                    grids.setdefault(name, {})[mode] = (r["_images"], r["_gen"])
-                quality[name][mode][str(seed)] = _public(r)
+                    grids.setdefault(name, {})[mode] = sample_rows(model, d["test"], seed)
                 if name == "synthetic" and mode == "global":
                     log("  alignment OT (the stage-1 tokenizer), probes")
-                    alignment["ot"][str(seed)] = _public(
-                        eval_reconstruction(SelfBootTok.from_pretrained(s1), d["test"], d["real"],
-                                            extractor, fid_paths=("full",)))
+                    alignment["ot"][str(seed)] = evaluate(SelfBootTok.from_pretrained(s1), d, extractor,
+                                                          RECONSTRUCTION, rfid_paths=("full",))
                     probes[str(seed)] = token_probes(model, probe["train_images"], probe["train_table"],
                                                     probe["test_images"], probe["test_table"],
                                                     GLOBAL_FACTORS + LOCAL_FACTORS)
@@ -324,17 +283,15 @@ def run(args, mode_name, sizes, seeds, out, work) -> dict:
                         m = SelfBootTok.from_pretrained(train_cached("stage2", boot_cfg, where / f"scaling-{key}", d["train"],
                                                               name, S2, init=s1, parts=["bootstrap"]))
                         sc["params"] = sum(p.numel() for p in m.bootstrap.parameters())
-                        sc["by_seed"][str(seed)] = _public(
-                            eval_reconstruction(m, d["test"], d["real"], extractor, fid_paths=("boot",)))
+                        sc["by_seed"][str(seed)] = evaluate(m, d, extractor, RECONSTRUCTION, rfid_paths=("boot",))
     d = data["synthetic"]
     for align in ALIGNMENTS[1:]:
         for seed in seeds:
             cfg = model_config("global", seed, sizes, alignment=align)
             log(f"alignment {align} / seed {seed}: stage 1 ({S1} steps)")
             s1 = train_cached("stage1", cfg, work / "synthetic" / f"align-{align}" / f"seed{seed}", d["train"], "synthetic", S1)
-            alignment[align][str(seed)] = _public(
-                eval_reconstruction(SelfBootTok.from_pretrained(s1), d["test"], d["real"], extractor,
-                                    fid_paths=("full",)))
+            alignment[align][str(seed)] = evaluate(SelfBootTok.from_pretrained(s1), d, extractor, RECONSTRUCTION,
+                                                   rfid_paths=("full",))
     res.update(quality=quality, alignment=alignment, scaling=scaling, decomposition=probes)
     res["verdict"] = verdicts(res)
     res["wall_s"] = elapsed()
@@ -342,10 +299,6 @@ def run(args, mode_name, sizes, seeds, out, work) -> dict:
     (out / "replication.json").write_text(json.dumps(res, indent=1))
     (out / "replication.md").write_text(report(res))
     return res
-
-
-def _public(r: dict) -> dict:
-    return {k: v for k, v in r.items() if not k.startswith("_")}
 
 
 # ---------------------------------------------------------------------------------------------

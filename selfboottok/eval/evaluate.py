@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Subset
 from selfboottok.progress import track
 
 from .fid import feature_stats, fid_from_features, frechet_distance, load_stats
-from .generation import eval_mode, generation_metrics, guidance_sweep, sample_features
+from .generation import check_sampling, eval_mode, generation_metrics, guidance_sweep, sample_features
 from .metrics import codebook_stats, inception_score, psnr, ssim
 
 __all__ = ["evaluate_model", "real_features", "slot_evenness", "METRICS", "DOMAIN_METRICS"]
@@ -174,7 +174,7 @@ def evaluate_model(model, dataset=None, what=("psnr", "rfid", "gfid"), n: int = 
     `real_features`), which then need no dataset unless reconstructions are asked for.
     `extractor`: a FeatureExtractor, a weights path, or None for the default Inception.
     The result also holds n, n_ref, n_generated, extractor and evaluator (what made the
-    features), the sampling settings and the gFID reference used."""
+    features), the sampling settings when it samples, and the gFID reference used."""
     what = _parse_what(what, evaluator is not None)
     cfg = model.config
     n, batch_size = int(n), int(batch_size)
@@ -205,9 +205,13 @@ def evaluate_model(model, dataset=None, what=("psnr", "rfid", "gfid"), n: int = 
         extractor = build_extractor(extractor)
     out = {"n": 0, "n_ref": 0, "n_generated": 0, "extractor": extractor.name if want_inception else None,
            "evaluator": getattr(evaluator, "report", None) if need["domain"] else None,
-           "mode": "selfboottok" if model.global_mode else "baseline", "image_size": cfg.image_size,
-           "generator": generator, "steps": int(steps), "guidance": float(guidance),
-           "temperature": float(temperature), "seed": int(seed)}
+           "mode": "selfboottok" if model.global_mode else "baseline", "image_size": cfg.image_size}
+    sampling = {"generator": generator, "steps": int(steps), "temperature": float(temperature), "seed": int(seed)}
+    if want_gen or sweep is not None:
+        check_sampling(steps, batch_size, temperature)  # before the reconstruction pass
+        if generator not in model.generators:
+            raise ValueError(f"generator must be one of {list(model.generators)}, got {generator!r}")
+        out.update(sampling, guidance=float(guidance))
     missing = [key for key in need if need[key] and real.get(key) is None]
     data = None
     if want_rec or missing:
@@ -229,7 +233,6 @@ def evaluate_model(model, dataset=None, what=("psnr", "rfid", "gfid"), n: int = 
         if want_rec:
             _reconstruction_pass(model, data, what, extractor, real.get("inception"), rfid_paths,
                                  batch_size, progress, out)
-        sampling = {"generator": generator, "steps": steps, "temperature": temperature, "seed": seed}
         if want_gen:
             _generation_pass(model, what, n_gen, extractor, evaluator, real, ref, k, batch_size,
                              progress, {**sampling, "guidance": guidance}, out)

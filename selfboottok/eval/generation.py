@@ -21,7 +21,7 @@ from selfboottok.progress import Progress
 
 from .fid import fid_from_features
 
-__all__ = ["balanced_labels", "sample_batches", "sample_features", "class_accuracy",
+__all__ = ["balanced_labels", "check_sampling", "eval_mode", "sample_batches", "sample_features", "class_accuracy",
            "precision_recall", "generation_metrics", "guidance_sweep", "plot_guidance_sweep",
            "GENERATION_KEYS"]
 
@@ -49,7 +49,8 @@ def eval_mode(model):
             model.train(was_training)
 
 
-def _check_sampling(steps, batch_size, temperature):
+def check_sampling(steps, batch_size, temperature):
+    """Raises ValueError for sampling settings no sampler takes."""
     if int(steps) < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if int(batch_size) < 1:
@@ -65,7 +66,7 @@ def sample_batches(model, labels, *, generator: str = "maskgit", steps: int = 8,
     """Yields (labels, images, seconds) for each batch of `labels`: batch b is sampled with seed
     `seed + b`, so a batch's images do not depend on the batches before it; `seconds` is the
     wall time of its sampling alone (GPU work synchronised)."""
-    _check_sampling(steps, batch_size, temperature)
+    check_sampling(steps, batch_size, temperature)
     labels = torch.as_tensor(labels).long().cpu()
     bar = Progress(len(labels), desc, unit="img", enabled=progress, leave=False)
     try:
