@@ -200,3 +200,87 @@ def test_bad_eval_what_and_other_usage_errors(capsys, tmp_path, model_dir):
           expect="--ids: " + str(tmp_path) + " holds no manifest.json")
     fails(capsys, "train", "stage2", "--init", model_dir, "--ids", tmp_path, "--parts", "bootstrap",
           "--out", tmp_path, expect="--ids trains the generators only")
+
+
+# eval's generation metrics, judged by a domain evaluator (a tiny one: the default recipe trains
+# for minutes)
+
+@pytest.fixture(scope="module")
+def trained_model(tmp_path_factory):
+    """A tiny model after a few steps of stage 1 and stage 2 on 32 synthetic images."""
+    from selfboottok import SelfBootTokConfig
+    from selfboottok.data import build_dataset
+    from selfboottok.training import train_stage1, train_stage2
+
+    root = tmp_path_factory.mktemp("trained")
+    config = SelfBootTokConfig.preset("tiny").with_overrides(**{
+        "train.batch_size": 8, "train.warmup_steps": 1, "train.log_every": 10**6,
+        "train.sample_every": 10**6, "train.ckpt_every": 10**6})
+    data = build_dataset("synthetic", 32, n=32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_stage1(config, root / "stage1", dataset=data, total_steps=3)
+        train_stage2(config, root / "stage1" / "model", root / "stage2", dataset=data, total_steps=3)
+    finally:
+        torch.set_num_threads(threads)
+    return root / "stage2" / "model"
+
+
+@pytest.fixture
+def tiny_domain_evaluator(monkeypatch, tmp_path):
+    import selfboottok.eval.domain as domain
+
+    built = domain.domain_evaluator
+
+    def tiny(dataset, image_size, **kw):
+        return built(dataset, image_size, recipe={"n_train": 256, "n_test": 64, "epochs": 1, "width": 8},
+                     cache_dir=tmp_path / "domain", progress=False)
+
+    monkeypatch.setattr(domain, "domain_evaluator", tiny)
+
+
+def one_class_folder(root):
+    from PIL import Image
+
+    for i in range(4):
+        (root / "only").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (32, 32), (60 * i, 0, 0)).save(root / "only" / f"{i}.png")
+    return root
+
+
+def test_eval_class_accuracy_domain_fd_recall_and_guidance_sweep(capsys, tmp_path, trained_model,
+                                                                   tiny_domain_evaluator):
+    from selfboottok.cli import main
+
+    out = tmp_path / "eval"
+    main(["eval", "--model", str(trained_model), "--what", "class_acc", "domain_fd", "prec_recall",
+          "--n", "20", "--batch-size", "10", "--steps", "2", "--generator", "ar", "--temperature", "0.9",
+          "--k", "2", "--sweep-guidance", "0", "3", "--device", "cpu", "--out", str(out)])
+    printed = capsys.readouterr().out
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["n_ref"] == 20 and m["n_generated"] == 20 and m["generator"] == "ar" and m["temperature"] == 0.9
+    assert 0 <= m["class_acc"] <= 1 and len(m["class_acc_per_class"]) == 10 and m["domain_fd"] >= 0
+    assert 0 <= m["precision"] <= 1 and 0 <= m["recall"] <= 1 and m["prec_recall_k"] == 2
+    assert m["evaluator"]["recipe"]["width"] == 8 and "gfid" not in m and "psnr" not in m
+    assert [row["guidance"] for row in m["guidance_sweep"]] == [0.0, 3.0]
+    assert (out / m["guidance_sweep_plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for text in ("class_acc: ", "domain_fd: ", "recall: ", "guidance 3: class_acc", "guidance_sweep.png written"):
+        assert text in printed, text
+
+
+def test_eval_all_leaves_out_the_domain_metrics_for_data_without_the_models_classes(tmp_path, model_dir):
+    from selfboottok.cli import _dataset, _domain_evaluator, _model
+
+    folder = one_class_folder(tmp_path / "folder")
+    args = build_parser().parse_args(["eval", "--model", str(model_dir), "--data", str(folder)])
+    model = _model(args.model)
+    assert _domain_evaluator(args, model, _dataset(args, model.config, split="test"), "cpu") is None
+
+
+@pytest.mark.parametrize("flags", [["--what", "psnr", "class_acc"], ["--what", "psnr", "--sweep-guidance", "1", "2"]])
+def test_eval_domain_metrics_need_labelled_data(capsys, tmp_path, model_dir, flags):
+    folder = one_class_folder(tmp_path / "folder")
+    err = fails(capsys, "eval", "--model", model_dir, "--data", folder, *flags, "--out", tmp_path / "out",
+                expect="the domain evaluator learns the classes of --data")
+    assert "has 1 class(es); the model generates 10" in err and flags[2] in err
