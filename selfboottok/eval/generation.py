@@ -126,7 +126,7 @@ def class_accuracy(predicted, labels, num_classes: int) -> dict:
 
 
 def _as_f64(x, name) -> torch.Tensor:
-    x = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).detach().cpu().double()
+    x = torch.as_tensor(x).detach().cpu().double()
     if x.dim() != 2 or len(x) == 0:
         raise ValueError(f"{name} must be [N,D] features, got shape {list(x.shape)}")
     return x
@@ -147,7 +147,7 @@ def _covered(queries, points, radii, chunk):
     return float(torch.cat(inside).double().mean())
 
 
-def precision_recall(real, fake, k: int = 3, chunk: int = 1024) -> dict:
+def precision_recall(real, fake, k: int = 3, chunk: int = 256) -> dict:
     """Improved precision and recall (Kynkäänniemi et al. 2019) of `fake` against `real`
     features ([N,D] each): each set's manifold is the union of balls around its points with
     radius the distance to the k-th nearest neighbour within the set. precision: the fraction of
@@ -223,9 +223,9 @@ def plot_guidance_sweep(rows, path, title: str = "") -> Path:
 
     g = [r["guidance"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
-    axes[0].plot(g, [r["class_acc"] for r in rows], marker="o")
     chance = 1 / len(rows[0]["class_acc_per_class"])
     axes[0].axhline(chance, color="grey", lw=0.8, ls="--", label=f"chance ({chance:.2g})")
+    axes[0].plot(g, [r["class_acc"] for r in rows], marker="o", label="samples")
     axes[0].set_ylim(0, 1.02)
     axes[0].set_ylabel("class accuracy")
     axes[0].legend(fontsize=8)
