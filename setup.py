@@ -41,5 +41,6 @@ setup(
     cmdclass=cmdclass,
     packages=find_packages(include=["selfboottok", "selfboottok.*"]) + ["selfboottok._csrc"],
     package_dir={"selfboottok._csrc": "csrc"},
-    package_data={"selfboottok._csrc": ["sources.txt", "*.cpp", "*/*.h", "*/*.cuh", "*/*.cpp", "*/*.cu"]},
+    package_data={"selfboottok._csrc": ["sources.txt", "*.cpp", "*.h", "*/*.h", "*/*.inc", "*/*.cuh", "*/*.cpp",
+                                        "*/*.cu"]},
 )

@@ -2,6 +2,8 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "sinkhorn/sinkhorn_cpu.h"
+
 TORCH_LIBRARY(selfboottok, m) {
   // -> plan, f, g, value, value_linear, n_iters (int32), row-marginal L1 error.
   // tol < 0 disables early stopping. Semantics: selfboottok/ops/_torch_impl.py.
@@ -36,4 +38,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return false;
 #endif
   });
+  m.def("cpu_isa", &sbt::sinkhorn::cpu_isa,
+        "Instruction set the CPU Sinkhorn kernel uses now (SELFBOOTTOK_CPU_ISA or the best)");
+  m.def("cpu_isas", &sbt::sinkhorn::cpu_isas,
+        "Instruction sets the CPU Sinkhorn kernel has code for and this CPU runs, best last");
 }

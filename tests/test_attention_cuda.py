@@ -1,7 +1,8 @@
 """The CUDA attention kernels on a GPU, called as torch.ops.selfboottok.attention_{fwd,bwd}_kernel:
 the checks of tests/test_attention_cuda_emu.py (float64 reference, FlashAttention's error rule,
-exact zeros for rows without keys and unseen keys) on its shapes and larger ones, plus argument
-errors, run-to-run determinism and a grid with more than 65535 heads. Needs no POT."""
+exact zeros for rows without keys and unseen keys) on its shapes and larger ones, plus run-to-run
+determinism and a grid with more than 65535 heads. Argument errors of the raw ops:
+tests/test_build.py::test_raw_kernel_ops_reject_bad_arguments. Needs no POT."""
 
 import pytest
 import torch
@@ -76,27 +77,3 @@ def test_more_than_65535_heads(ops, gen):
     torch.testing.assert_close(dv[0], torch.softmax((q @ k.transpose(-1, -2)) * 0.5, -1).transpose(-1, -2) @ dout,
                                atol=1e-5, rtol=1e-5)
 
-
-def test_bad_arguments(ops, gen):
-    fwd, bwd = ops
-    q, k, v, _ = _inputs(gen, 2, 2, 5, 7, 16)
-
-    def raises(match, *args):
-        with pytest.raises(ValueError, match=match):
-            fwd(*args)
-
-    raises("head dim", q[..., :12], [k[..., :12]], [v[..., :12]], None, False, 1.0)
-    raises("1 to 4 chunks", q, [k] * 5, [v] * 5, None, False, 1.0)
-    raises("k has 2 chunks but v has 1", q, [k, k], [v], None, False, 1.0)
-    raises(r"v\[0\] must be \[B, H, L, D\] = \[2, 2, 7, 16\]", q, [k], [v[:, :, :3]], None, False, 1.0)
-    raises(r"k\[0\] has dtype", q, [k.float()], [v], None, False, 1.0)
-    raises("float32, float16 or bfloat16", q.double(), [k.double()], [v.double()], None, False, 1.0)
-    raises(r"k\[0\] is on cpu", q, [k.cpu()], [v], None, False, 1.0)
-    raises("stride 1 along D", q, [k.transpose(-1, -2).contiguous().transpose(-1, -2)], [v], None, False, 1.0)
-    raises("key_padding_mask must be", q, [k], [v], torch.ones(2, 6, dtype=torch.bool, device="cuda"), False, 1.0)
-    raises("key_padding_mask must be bool", q, [k], [v], torch.ones(2, 7, device="cuda"), False, 1.0)
-    out, lse = fwd(q, [k], [v], None, False, 1.0)
-    with pytest.raises(ValueError, match="delta must be"):
-        bwd(q, [k], [v], None, False, 1.0, out, lse, out, lse[:, :, :2])
-    with pytest.raises(ValueError, match="lse must be float32"):
-        bwd(q, [k], [v], None, False, 1.0, out, lse.half(), out, lse)

@@ -54,7 +54,7 @@ def emu():
     build.mkdir(exist_ok=True)
     module = load(
         name="sbt_attention_emu",
-        sources=[str(ROOT / "tests" / "cuda_emu" / "attention_emu.cpp")],
+        sources=[str(ROOT / "tests" / "cuda_emu" / "attention_emu.cpp"), str(ROOT / "csrc" / "arg_checks.cpp")],
         extra_include_paths=[str(ROOT / "csrc"), str(ROOT / "tests" / "cuda_emu")],
         extra_cflags=["-O2", "-fno-strict-aliasing", "-Wno-unknown-pragmas"],
         build_directory=str(build),
@@ -168,3 +168,49 @@ def test_shared_memory_fits_sm80(emu):
     assert len(sizes) == 18
     for name, size in sizes.items():
         assert 0 < size <= SM80_SMEM_OPTIN, name
+
+
+def bad_kernel_arguments(gen, device):
+    """(op, message pattern, args): attention_{fwd,bwd}_kernel calls with one bad argument each,
+    on `device` tensors (a tensor on another device: meta, or cpu for cuda)."""
+    q, k, v = (torch.randn(2, 2, L, 16, generator=gen).to(device, torch.float16) for L in (5, 7, 7))
+    other = "cpu" if device == "cuda" else "meta"
+    mask = torch.ones(2, 7, dtype=torch.bool, device=device)
+    fwd = [
+        ("q must be", q[0], [k], [v], None, False, 1.0),
+        ("head dim", q[..., :12], [k[..., :12]], [v[..., :12]], None, False, 1.0),
+        ("1 to 4 chunks", q, [k] * 5, [v] * 5, None, False, 1.0),
+        ("k has 2 chunks but v has 1", q, [k, k], [v], None, False, 1.0),
+        (r"v\[0\] must be \[B, H, L, D\] = \[2, 2, 7, 16\]", q, [k], [v[:, :, :3]], None, False, 1.0),
+        (r"k\[0\] has dtype", q, [k.float()], [v], None, False, 1.0),
+        ("float32, float16 or bfloat16", q.double(), [k.double()], [v.double()], None, False, 1.0),
+        (rf"k\[0\] is on {other}", q, [k.to(other)], [v], None, False, 1.0),
+        ("stride 1 along D", q, [k.transpose(-1, -2).contiguous().transpose(-1, -2)], [v], None, False, 1.0),
+        (r"key_padding_mask must be \[B, Lk\]", q, [k], [v], mask[:, :6], False, 1.0),
+        ("key_padding_mask must be bool", q, [k], [v], mask.float(), False, 1.0),
+        ("key_padding_mask must be contiguous", q, [k], [v], mask.repeat(1, 2)[:, ::2], False, 1.0),
+        ("scale must be finite", q, [k], [v], None, False, float("inf")),
+    ]
+    if device != "cuda":  # a CUDA op called with CPU tensors never reaches its checks
+        fwd.append((f"q must be a {device} tensor", q.to(other), [k], [v], None, False, 1.0))
+    out = torch.zeros_like(q)
+    lse = torch.zeros(2, 2, 5, device=device)
+    base = (q, [k], [v], None, False, 1.0)
+    bwd = [
+        (r"out must be \[B, H, L, D\]", *base, out[:, :, :4], lse, out, lse),
+        ("dout has dtype", *base, out, lse, out.float(), lse),
+        ("lse must be float32", *base, out, lse.half(), out, lse),
+        (r"delta must be \[B, H, Lq\]", *base, out, lse, out, lse[:, :, :2]),
+        ("lse must be contiguous", *base, out, lse.transpose(0, 1).contiguous().transpose(0, 1), out, lse),
+    ]
+    return ([("attention_fwd_kernel", match, args) for match, *args in fwd]
+            + [("attention_bwd_kernel", match, args) for match, *args in bwd])
+
+
+def test_bad_arguments(emu, gen):
+    """The kernels' argument checks (csrc/arg_checks.cpp, host-compiled), on CPU tensors: each bad
+    argument is a ValueError that names it."""
+    ops = {"attention_fwd_kernel": emu.fwd, "attention_bwd_kernel": emu.bwd}
+    for op, match, args in bad_kernel_arguments(gen, "cpu"):
+        with pytest.raises(ValueError, match=match):
+            ops[op](*args)

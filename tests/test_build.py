@@ -91,3 +91,58 @@ def test_sources_are_listed_once_and_exist():
     assert all(os.path.isfile(p) for p in cpp + cu)
     if torch.version.cuda:
         assert cu, "CUDA sources must be listed"
+
+
+def _bad_sinkhorn_kernel_arguments(device):
+    """(op, message pattern, args): sinkhorn_kernel calls with one bad argument each."""
+    C = torch.rand(2, 3, 4, device=device)
+    a, b = torch.full((2, 3), 1 / 3, device=device), torch.full((2, 4), 0.25, device=device)
+    nan = C.clone()
+    nan[1, 2, 3] = float("nan")
+    cases = [
+        (r"cost must be \[B, N, M\]", C[0], a, b, 0.1, 10, -1.0),
+        ("cost must be float32 or float64", C.half(), a.half(), b.half(), 0.1, 10, -1.0),
+        (r"a must be \[B, N\] = \[2, 3\]", C, a[:, :2], b, 0.1, 10, -1.0),
+        (r"b must be \[B, M\] = \[2, 4\]", C, a, b[:1], 0.1, 10, -1.0),
+        ("a and b must have the dtype of cost", C, a.double(), b, 0.1, 10, -1.0),
+        ("eps must be > 0", C, a, b, 0.0, 10, -1.0),
+        ("max_iters must be >= 0", C, a, b, 0.1, -1, -1.0),
+        ("N, M > 0", C[:, :0], a[:, :0], b, 0.1, 10, -1.0),
+    ]
+    if device == "cpu":  # the CUDA kernel leaves the value checks to selfboottok::sinkhorn
+        cases.append(("NaN or Inf", nan, a, b, 0.1, 10, -1.0))
+    else:  # on CPU, a tensor of another device (meta) would dispatch elsewhere
+        cases.append(("a and b must be on the device of cost", C, a, b.cpu(), 0.1, 10, -1.0))
+    return [("sinkhorn_kernel", match, args) for match, *args in cases]
+
+
+def _raw_kernel_ops(device):
+    """The compiled ops (selfboottok::*_kernel) registered for `device` tensors."""
+    from selfboottok.ops import _backend
+
+    if _backend.extension()[0] is None:
+        pytest.skip("no compiled extension")
+    names = [n for n in torch._C._dispatch_get_all_op_names()
+             if n.startswith("selfboottok::") and n.endswith("_kernel")]
+    return sorted(n.split("::")[1] for n in names
+                  if torch._C._dispatch_has_kernel_for_dispatch_key(n, device.upper()))
+
+
+@pytest.mark.parametrize("device", [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")),
+])
+def test_raw_kernel_ops_reject_bad_arguments(gen, device):
+    """Every raw kernel op raises a ValueError naming the bad argument (its message is built in
+    host-compiled C++, csrc/arg_checks.cpp), never crashes."""
+    from test_attention_cuda_emu import bad_kernel_arguments
+
+    ops = _raw_kernel_ops(device)
+    assert ops or device != "cpu", "sinkhorn_kernel has a CPU kernel in every build"
+    cases = _bad_sinkhorn_kernel_arguments(device) + bad_kernel_arguments(gen, device)
+    missing = set(ops) - {op for op, _, _ in cases}
+    assert not missing, f"raw kernel ops without bad-argument cases: {missing}"
+    for op, match, args in cases:
+        if op in ops:
+            with pytest.raises(ValueError, match=match):
+                getattr(torch.ops.selfboottok, op)(*args)

@@ -40,16 +40,9 @@ def scaled_eps(cost, rel):
     return float(rel * (cost.max() - cost.min()))
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("rel_eps", REL_EPS)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_matches_pot_at_fixed_iterations(gen, backend, shape, rel_eps, dtype):
-    if backend == "triton" and shape[1] * shape[2] > 600:
-        pytest.skip("kept small under the Triton interpreter")
+def check_matches_pot(gen, backend, shape, rel_eps, dtype, n_iters=60):
     cost, a, b = random_problem(gen, *shape)
     eps = scaled_eps(cost, rel_eps)
-    n_iters = 60
     res = sinkhorn(cost.to(dtype), a.to(dtype), b.to(dtype), eps=eps, n_iters=n_iters,
                    backend=backend)
     tol = 1e-9 if dtype == torch.float64 else 2e-4
@@ -62,6 +55,16 @@ def test_matches_pot_at_fixed_iterations(gen, backend, shape, rel_eps, dtype):
         np.testing.assert_allclose(res.f[p].double().numpy(), f, atol=atol, rtol=0)
         np.testing.assert_allclose(res.g[p].double().numpy(), g, atol=atol, rtol=0)
     assert (res.n_iters == n_iters).all()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("rel_eps", REL_EPS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_matches_pot_at_fixed_iterations(gen, backend, shape, rel_eps, dtype):
+    if backend == "triton" and shape[1] * shape[2] > 600:
+        pytest.skip("kept small under the Triton interpreter")
+    check_matches_pot(gen, backend, shape, rel_eps, dtype)
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
@@ -145,6 +148,66 @@ def test_backends_agree_with_reference_float64(gen):
             torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
 
 
+# ---- the CPU kernel's instruction sets -------------------------------------------------------
+
+def _cpu_isas():
+    from selfboottok.ops import _backend
+
+    ext, _ = _backend.extension()
+    return ext.cpu_isas() if ext is not None else []
+
+
+@pytest.fixture(params=_cpu_isas())
+def cpu_isa(request, monkeypatch):
+    """Forces each code path of the cpu backend that this CPU runs (SELFBOOTTOK_CPU_ISA)."""
+    monkeypatch.setenv("SELFBOOTTOK_CPU_ISA", request.param)
+    return request.param
+
+
+# tails: N not a multiple of 8 rows, M not a multiple of 8 or 16 lanes
+ISA_SHAPES = [(2, 256, 64), (3, 37, 13), (2, 19, 40), (1, 8, 16), (2, 5, 7)]
+
+
+@pytest.mark.parametrize("shape", ISA_SHAPES)
+@pytest.mark.parametrize("rel_eps", [1.0, 0.05, 1e-3])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cpu_isa_matches_pot(gen, cpu_isa, shape, rel_eps, dtype):
+    from selfboottok.ops import _backend
+
+    assert _backend.extension()[0].cpu_isa() == cpu_isa
+    check_matches_pot(gen, "cpu", shape, rel_eps, dtype)
+
+
+@pytest.mark.parametrize("tol", [None, 1e-5])
+def test_cpu_isas_agree(gen, cpu_isa, tol):
+    """Each path against the float64 reference at the bench's eps, float32 (stopping on tol too)."""
+    cost, a, b = random_problem(gen, 4, 256, 64, uniform=True)
+    cost = (cost + 1) / 3  # the bench's cost range, [0, 1)
+    ref = sinkhorn_reference(cost, a, b, 0.05, 100, tol=tol)
+    res = sinkhorn(cost.float(), a.float(), b.float(), eps=0.05, n_iters=100, tol=tol, backend="cpu")
+    torch.testing.assert_close(res.plan.double(), ref[0], atol=2e-4 * ref[0].max().item(), rtol=0)
+    assert (res.n_iters - ref[3]).abs().max() <= 1
+    torch.testing.assert_close(res.value_linear.double(), (ref[0] * cost).sum((1, 2)), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(2, 9, 5), (2, 5, 17), (1, 24, 40)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cpu_isa_gradients(gen, cpu_isa, shape, dtype):
+    check_implicit_gradient(gen, "cpu", True, shape, dtype)
+
+
+def test_cpu_isa_env_errors(monkeypatch):
+    cost = torch.rand(1, 3, 4)
+    monkeypatch.setenv("SELFBOOTTOK_CPU_ISA", "sse9")
+    with pytest.raises(ValueError, match="SELFBOOTTOK_CPU_ISA must be"):
+        sinkhorn(cost, eps=0.1, backend="cpu")
+    missing = {"generic", "avx2", "avx512"} - set(_cpu_isas())
+    for name in missing:
+        monkeypatch.setenv("SELFBOOTTOK_CPU_ISA", name)
+        with pytest.raises(RuntimeError, match=f"no {name} code path"):
+            sinkhorn(cost, eps=0.1, backend="cpu")
+
+
 # ---- gradients ------------------------------------------------------------------------------
 
 def _converged(cost, a, b, eps, backend):
@@ -165,17 +228,16 @@ def test_gradcheck(gen, backend, which):
     torch.autograd.gradcheck(fn, (cost.requires_grad_(),), eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", FAST_BACKENDS)
-@pytest.mark.parametrize("ragged", [False, True])
-@pytest.mark.parametrize("shape", [(2, 9, 5), (2, 5, 9)])
-def test_implicit_gradient_matches_unrolled_autograd(gen, backend, ragged, shape):
+def check_implicit_gradient(gen, backend, ragged, shape, dtype=torch.float64):
+    """Ours in `dtype` against autograd through the unrolled float64 reference."""
     cost, a, b = random_problem(gen, *shape, ragged=ragged)
     weights = torch.randn(*shape, generator=gen, dtype=torch.float64)
     eps = 0.2
 
-    c1 = cost.clone().requires_grad_()
-    res = _converged(c1, a, b, eps, backend)
-    ((res.plan * weights).sum() + res.value_linear.sum() + 0.5 * res.value.sum()).backward()
+    c1 = cost.to(dtype, copy=True).requires_grad_()
+    tol = 1e-15 if dtype == torch.float64 else 1e-7
+    res = sinkhorn(c1, a.to(dtype), b.to(dtype), eps=eps, n_iters=100000, tol=tol, backend=backend)
+    ((res.plan.double() * weights).sum() + res.value_linear.sum() + 0.5 * res.value.sum()).backward()
 
     c2 = cost.clone().requires_grad_()
     plan, f, g, _, _ = sinkhorn_reference(c2, a, b, eps, 3000)
@@ -186,7 +248,17 @@ def test_implicit_gradient_matches_unrolled_autograd(gen, backend, ragged, shape
         - plan + a[:, :, None] * b[:, None, :]
     ).sum((1, 2))
     ((plan * weights).sum() + value_linear.sum() + 0.5 * value.sum()).backward()
-    torch.testing.assert_close(c1.grad, c2.grad, atol=1e-8, rtol=1e-6)
+    if dtype == torch.float64:
+        torch.testing.assert_close(c1.grad, c2.grad, atol=1e-8, rtol=1e-6)
+    else:
+        torch.testing.assert_close(c1.grad.double(), c2.grad, atol=2e-4 * c2.grad.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("ragged", [False, True])
+@pytest.mark.parametrize("shape", [(2, 9, 5), (2, 5, 9)])
+def test_implicit_gradient_matches_unrolled_autograd(gen, backend, ragged, shape):
+    check_implicit_gradient(gen, backend, ragged, shape)
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)

@@ -17,6 +17,8 @@
 
 #include <torch/types.h>
 
+#include "arg_checks.h"
+
 #ifndef SBT_CUDA_EMULATION
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -29,7 +31,7 @@
 namespace sbt {
 namespace attention {
 
-constexpr int kMaxChunks = 4;
+constexpr int kMaxChunks = kMaxAttentionChunks;
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
 constexpr int kRows = 16 * kWarps;  // rows of the block's own tile
@@ -609,7 +611,7 @@ void dispatch(at::ScalarType dtype, int64_t D, F&& f) {
       with_dim(TypeTag<__nv_bfloat16>{});
       break;
     default:
-      TORCH_CHECK_VALUE(false, "attention: dtype must be float32, float16 or bfloat16, got ", dtype);
+      unsupported_dtype("attention", dtype);
   }
 }
 

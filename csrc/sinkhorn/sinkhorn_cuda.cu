@@ -278,10 +278,24 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+template <typename T>
+void launch(const at::Tensor& C, const at::Tensor& a, const at::Tensor& b, const OutputTensors& out,
+            const at::Tensor& ws, const at::Tensor& mask, double eps, int64_t max_iters, double tol) {
+  const int64_t B = C.size(0), N = C.size(1), M = C.size(2);
+  const size_t smem = kThreads * sizeof(LogSumExp<T>);
+  sinkhorn_block_kernel<T><<<static_cast<unsigned>(B), kThreads, smem,
+                             at::cuda::getCurrentCUDAStream()>>>(
+      C.data_ptr<T>(), a.data_ptr<T>(), b.data_ptr<T>(), out.plan.data_ptr<T>(),
+      out.f.data_ptr<T>(), out.g.data_ptr<T>(), out.value.data_ptr<T>(),
+      out.value_linear.data_ptr<T>(), out.iters.data_ptr<int>(), out.err.data_ptr<T>(),
+      ws.data_ptr<T>(), mask.data_ptr<bool>(), static_cast<int>(N), static_cast<int>(M),
+      static_cast<T>(eps), static_cast<int>(max_iters), static_cast<T>(tol));
+}
+
 Outputs sinkhorn_cuda(
     const at::Tensor& cost, const at::Tensor& a, const at::Tensor& b, double eps,
     int64_t max_iters, double tol) {
-  check_inputs(cost, a, b, eps, max_iters);
+  check_sinkhorn_args(cost, a, b, eps, max_iters);
   const c10::cuda::CUDAGuard guard(cost.device());
   const auto C = cost.contiguous();
   const auto ac = a.contiguous();
@@ -291,17 +305,11 @@ Outputs sinkhorn_cuda(
   auto ws = at::empty({B, 3 * N + 3 * M}, C.options());
   auto mask = at::empty({B, N + M}, C.options().dtype(at::kBool));
   if (B == 0) return out.as_tuple();
-  auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(C.scalar_type(), "sinkhorn_cuda", [&] {
-    const size_t smem = kThreads * sizeof(LogSumExp<scalar_t>);
-    sinkhorn_block_kernel<scalar_t><<<static_cast<unsigned>(B), kThreads, smem, stream>>>(
-        C.data_ptr<scalar_t>(), ac.data_ptr<scalar_t>(), bc.data_ptr<scalar_t>(),
-        out.plan.data_ptr<scalar_t>(), out.f.data_ptr<scalar_t>(), out.g.data_ptr<scalar_t>(),
-        out.value.data_ptr<scalar_t>(), out.value_linear.data_ptr<scalar_t>(),
-        out.iters.data_ptr<int>(), out.err.data_ptr<scalar_t>(), ws.data_ptr<scalar_t>(),
-        mask.data_ptr<bool>(), static_cast<int>(N), static_cast<int>(M),
-        static_cast<scalar_t>(eps), static_cast<int>(max_iters), static_cast<scalar_t>(tol));
-  });
+  // float32 or float64 (checked above); no AT_DISPATCH, which would format its error here
+  if (C.scalar_type() == at::kFloat)
+    launch<float>(C, ac, bc, out, ws, mask, eps, max_iters, tol);
+  else
+    launch<double>(C, ac, bc, out, ws, mask, eps, max_iters, tol);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out.as_tuple();
 }

@@ -1,6 +1,6 @@
 // Runs csrc/attention/attention_kernels.cuh on CPU tensors through the CUDA emulator, with the
-// contract of selfboottok::attention_{fwd,bwd}_kernel. Outputs start as NaN so that an element
-// the kernels never write shows up in the tests.
+// contract of selfboottok::attention_{fwd,bwd}_kernel, argument checks (csrc/arg_checks.cpp)
+// included. Outputs start as NaN so that an element the kernels never write shows up in the tests.
 #include <torch/extension.h>
 
 #include <limits>
@@ -10,6 +10,7 @@
 
 #include "cuda_emu.h"
 // (the emulator must come first)
+#include "arg_checks.h"
 #include "attention/attention_kernels.cuh"
 
 namespace {
@@ -25,15 +26,6 @@ struct EmuLaunch {
   }
 };
 
-void check(const at::Tensor& q, const std::vector<at::Tensor>& ks, const std::vector<at::Tensor>& vs) {
-  TORCH_CHECK(q.dim() == 4 && q.size(3) % 8 == 0 && q.size(3) <= 128 && q.stride(3) == 1);
-  TORCH_CHECK(!ks.empty() && ks.size() <= kMaxChunks && ks.size() == vs.size());
-  for (size_t c = 0; c < ks.size(); ++c) {
-    TORCH_CHECK(ks[c].scalar_type() == q.scalar_type() && vs[c].scalar_type() == q.scalar_type());
-    TORCH_CHECK(ks[c].stride(3) == 1 && vs[c].stride(3) == 1 && ks[c].sizes() == vs[c].sizes());
-  }
-}
-
 at::Tensor nan_like(at::IntArrayRef sizes, const at::TensorOptions& options) {
   return at::full(sizes, std::numeric_limits<double>::quiet_NaN(), options);
 }
@@ -42,7 +34,7 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const std::vector<at
                                        const std::vector<at::Tensor>& vs,
                                        const c10::optional<at::Tensor>& mask, bool causal,
                                        double scale) {
-  check(q, ks, vs);
+  sbt::check_attention_fwd_args(c10::DeviceType::CPU, q, ks, vs, mask, scale);
   auto out = nan_like(q.sizes(), q.options());
   auto lse = nan_like({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   dispatch(q.scalar_type(), q.size(3), [&](auto tag, auto dmax) {
@@ -58,11 +50,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> bwd(
     const at::Tensor& q, const std::vector<at::Tensor>& ks, const std::vector<at::Tensor>& vs,
     const c10::optional<at::Tensor>& mask, bool causal, double scale, const at::Tensor& out,
     const at::Tensor& lse, const at::Tensor& dout, const at::Tensor& delta) {
-  check(q, ks, vs);
-  TORCH_CHECK(out.sizes() == q.sizes() && dout.sizes() == q.sizes() && dout.stride(3) == 1 &&
-              dout.scalar_type() == q.scalar_type());
-  TORCH_CHECK(lse.is_contiguous() && delta.is_contiguous() && lse.scalar_type() == at::kFloat &&
-              delta.scalar_type() == at::kFloat);
+  sbt::check_attention_bwd_args(c10::DeviceType::CPU, q, ks, vs, mask, scale, out, lse, dout,
+                                delta);
   auto dq = nan_like(q.sizes(), q.options());
   std::vector<at::Tensor> dks, dvs;
   for (const auto& c : ks) {
