@@ -17,6 +17,15 @@ the fastest SDPA backend of that row (>1 = faster). Methods that materialise the
 exceeds --mem-budget-gb. The JSON also holds each cell's max error against a float32 reference
 on batch element 0 (out, and dq/dk/dv for fwd+bwd), relative to the reference's largest value.
 Writes bench/results/attention-<machine>.{json,md}.
+
+    python bench/attention.py --write-table           # also record this GPU's measurements for auto
+    python bench/attention.py --table-from bench/results/attention-nvidia-h200.json
+
+--write-table merges this run's CUDA measurements into selfboottok/ops/attention_table.json, which
+`backend="auto"` reads: per (GPU, dtype, head dim <= 64 or 128, shape class, causal, pass) the ms
+of sdpa and of each kernel of ours on every shape of the class (`sdpa` = the selfboottok:sdpa
+backend, or the fastest torch SDPA backend when a run has no such column). --table-from does the
+same from an earlier results file, without running anything.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import json
 import math
 import os
 import statistics
@@ -39,8 +49,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, machine_name, timed, write_results  # noqa: E402
 
-from selfboottok.ops.attention import attention, status as attention_status  # noqa: E402
+from selfboottok.ops import _attention_auto  # noqa: E402
 from selfboottok.ops._torch_impl import attention_allowed, attention_reference  # noqa: E402
+from selfboottok.ops.attention import attention, status as attention_status  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FWD_BWD_FACTOR = 3.5
@@ -77,14 +88,16 @@ def build_methods(device, dtype, causal, include_interpreted):
     methods, excluded = [], {}
     elsize = torch.empty((), dtype=dtype).element_size()
     for name, (ok, reason) in attention_status(device).items():
+        if name == "cpu":  # the sdpa backend's former name
+            continue
         if not ok:
             excluded[f"selfboottok:{name}"] = reason
             continue
         if name == "triton" and device == "cpu" and not include_interpreted:
             excluded["selfboottok:triton"] = "runs in the Triton interpreter on CPU (--include-interpreted)"
             continue
-        # the torch reference and the cpu backend's lse/backward work on float32 scores
-        score = 4 if name in ("torch", "cpu") else 0
+        # the torch reference works on float32 scores
+        score = 4 if name == "torch" else 0
         methods.append(Method(f"selfboottok:{name}",
                               lambda q, k, v, b=name: attention(q, k, v, causal=causal, backend=b),
                               score_bytes=score))
@@ -120,7 +133,7 @@ def _sdpa(q, k, v, causal):
     if Lq == Lk:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     # SDPA's is_causal is top-left aligned when Lq != Lk; ours is bottom-right, so pass the mask
-    mask = attention_allowed(None, True, q.shape[0], Lq, Lk, q.device)
+    mask = attention_allowed(None, True, Lq, Lk, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
@@ -214,7 +227,15 @@ def main():
                    help="torch CPU threads (default torch's; 1 is steadier when other processes share the CPU)")
     p.add_argument("--no-check", action="store_true", help="skip the error check against float32")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--write-table", nargs="?", type=Path, const=_attention_auto.TABLE_PATH, default=None,
+                   metavar="PATH", help="merge the CUDA measurements into auto's table (default: %(const)s)")
+    p.add_argument("--table-from", type=Path, metavar="RESULTS_JSON",
+                   help="only write the table (--write-table's path) from an earlier results file")
     args = p.parse_args()
+    if args.table_from is not None:
+        data = json.loads(args.table_from.read_text())
+        write_table(args.write_table or _attention_auto.TABLE_PATH, data["meta"], data["rows"], args.table_from)
+        return
 
     device, dtype = args.device, DTYPES[args.dtype]
     if args.threads is not None:
@@ -300,6 +321,63 @@ def main():
     print(table)
     json_path, md_path = write_results(args.out, "attention", machine, dict(meta=meta, rows=rows), table)
     print(f"\nwrote {json_path} and {md_path}")
+    if args.write_table is not None:
+        write_table(args.write_table, meta, rows, json_path)
+
+
+def table_entries(meta, rows, source):
+    """auto's table entries from a run's rows: one per key, the ms of each backend on every shape
+    of the key (a backend missing on some shape is left out of that entry)."""
+    if meta["device"] != "cuda" or meta.get("scaled_down"):
+        raise SystemExit("the auto table holds full-size CUDA measurements only")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[meta["dtype"]]
+    groups = {}
+    for r in rows:
+        key = _attention_auto.key_for(meta["device_name"], dtype, r["D"], r["Lq"], r["Lk"], meta["causal"],
+                                      r["pass"] == "fwd+bwd")
+        groups.setdefault(key, []).append(r)
+    entries = []
+    for key, group in groups.items():
+        ms, sdpa_is = {}, set()
+        for r in group:
+            cells = r["cells"]
+            ours = cells.get("selfboottok:sdpa", {}).get("ms")
+            if ours is None:
+                ours = cells[r["best_sdpa"]]["ms"] if r["best_sdpa"] else None
+                sdpa_is.add(f"fastest torch SDPA backend ({r['best_sdpa']})")
+            else:
+                sdpa_is.add("selfboottok:sdpa")
+            times = {"sdpa": ours, **{n: cells.get(f"selfboottok:{n}", {}).get("ms") for n in _attention_auto.KERNELS}}
+            for n, t in times.items():
+                ms.setdefault(n, []).append(t)
+        ms = {n: [round(t, 5) for t in ts] for n, ts in ms.items() if None not in ts}
+        entries.append(dict(gpu=key.gpu, dtype=key.dtype, head_dim=key.head_dim, shape_class=key.shape_class,
+                            causal=key.causal, **{"pass": key.passes},
+                            shapes=[[r["B"], r["H"], r["Lq"], r["Lk"], r["D"]] for r in group], ms=ms,
+                            sdpa_is=", ".join(sorted(sdpa_is)), source=str(source), date=meta["date"],
+                            torch=meta["torch"]))
+    return entries
+
+
+def write_table(path, meta, rows, source):
+    """Replaces the entries of this run's keys in the table at `path`, keeps the others."""
+    path = Path(path)
+    try:
+        source = Path(source).resolve().relative_to(RESULTS.parent.parent)
+    except ValueError:
+        pass
+    new = table_entries(meta, rows, source)
+    fields = ("gpu", "dtype", "head_dim", "shape_class", "causal", "pass")
+    replaced = {tuple(e[f] for f in fields) for e in new}
+    old = json.loads(path.read_text())["entries"] if path.is_file() else []
+    kept = [e for e in old if tuple(e[f] for f in fields) not in replaced]
+    entries = sorted(kept + new, key=lambda e: tuple(str(e[f]) for f in fields))
+    about = ("Measurements behind attention's backend='auto' on CUDA tensors (selfboottok/ops/_attention_auto.py): "
+             "a kernel of ours is picked only where it is faster than sdpa on every shape listed. "
+             "Written by bench/attention.py --write-table / --table-from.")
+    lines = ",\n".join(f"  {json.dumps(e)}" for e in entries)  # one entry per line
+    path.write_text(f'{{"about": {json.dumps(about)},\n "entries": [\n{lines}\n]}}\n')
+    print(f"wrote {len(new)} entries to {path} ({len(entries)} in all)")
 
 
 class OtherCpuUse:
@@ -356,7 +434,7 @@ def reference_slices(q, k, v, dout, causal):
     grads = torch.autograd.grad(out, (q1, k1, v1), do1)
     rows_ok = None
     if causal and q.shape[2] > k.shape[2]:
-        rows_ok = attention_allowed(None, True, 1, q.shape[2], k.shape[2], q.device)[0, 0].any(-1)
+        rows_ok = attention_allowed(None, True, q.shape[2], k.shape[2], q.device)[0, 0].any(-1)
     inputs = tuple(x[:1].detach() for x in (q, k, v, dout))
     return dict(inputs=inputs, out=out.detach(), grads=[g.detach() for g in grads], rows_ok=rows_ok)
 

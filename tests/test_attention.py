@@ -1,18 +1,17 @@
 """selfboottok.ops.attention on every CPU backend against the float64 reference, with the
-FlashAttention error rule for low precision: a backend may be at most twice as far from the
-float64 result as the same maths done in the input dtype."""
+FlashAttention error rule for low precision (tests/_attention_checks.py)."""
 
 import pytest
 import torch
 
+from _attention_checks import check_flash_rule
 from selfboottok.ops import MultiheadAttention, attention
 from selfboottok.ops._torch_impl import attention_reference
-from selfboottok.ops.attention import status
+from selfboottok.ops.attention import status, which_backend
 
-BACKENDS = [name for name, (ok, _) in status("cpu").items() if ok]
-# times the largest reference value: the flash backward rounds where autograd may be exact
-# (with Lk = 1, dk is exactly 0)
-FLOOR = {torch.float32: 1e-6, torch.bfloat16: 1e-3}
+# "cpu" is the sdpa backend's former name on CPU tensors (test_cpu_is_sdpa)
+BACKENDS = [name for name, (ok, _) in status("cpu").items() if ok and name != "cpu"]
+NAMES = ("out", "dq", "dk", "dv")
 
 # (B, H, Lq, Lk, D, padding mask, causal)
 CASES = [
@@ -41,10 +40,6 @@ def forward_backward(fn, q, k, v, dout):
     return (out, *grads)
 
 
-def max_err(x, ref):
-    return (x.double() - ref).abs().max().item()
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -58,11 +53,9 @@ def test_matches_reference(gen, backend, case, dtype):
     got = forward_backward(
         lambda *t: attention(*t, key_padding_mask=mask, causal=causal, backend=backend), *low, dout
     )
-    floor = FLOOR[dtype] * max(r.abs().max().item() for r in ref)
-    for name, g, b, r in zip(("out", "dq", "dk", "dv"), got, base, ref):
+    for g, r in zip(got, ref):
         assert g.dtype == dtype and g.shape == r.shape
-        assert torch.isfinite(g).all(), name
-        assert max_err(g, r) <= 2 * max_err(b, r) + floor, name
+    check_flash_rule(dtype, dict(zip(NAMES, got)), dict(zip(NAMES, base)), dict(zip(NAMES, ref)))
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b not in ("cuda", "triton")])
@@ -211,11 +204,22 @@ def test_unavailable_or_float64_kernels_say_why():
             attention(q.double(), q.double(), q.double(), backend=name)
 
 
-def test_auto_never_picks_the_interpreter_on_cpu(monkeypatch):
-    from selfboottok.ops import _backend
-
+def test_auto_picks_sdpa_on_cpu_never_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert _backend.resolve("auto", torch.device("cpu"), ("cuda", "triton", "cpu"), status("cpu")) == "cpu"
+    q = torch.randn(1, 1, 4, 16)
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        assert which_backend(q.to(dtype), q.to(dtype), q.to(dtype))[0] == "sdpa"
+    meta = q.to("meta")
+    assert which_backend(meta, meta, meta)[0] == "torch"
+
+
+def test_cpu_is_sdpa(gen):
+    """backend="cpu", the name users have, runs the sdpa backend on CPU tensors."""
+    q, k, v, mask = make(gen, 2, 2, 9, 13, 32, padded=True, dtype=torch.float32)
+    assert which_backend(q, k, v, backend="cpu")[0] == "sdpa"
+    for a, b in zip(attention(q, k, v, key_padding_mask=mask, causal=True, backend="cpu"),
+                    attention(q, k, v, key_padding_mask=mask, causal=True, backend="sdpa")):
+        assert torch.equal(a, b)
 
 
 def test_multihead_attention(gen):

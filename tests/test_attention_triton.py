@@ -1,6 +1,6 @@
 """Triton attention kernels (attention_fwd / attention_bwd) against the float64 reference, with
-FlashAttention's error rule: at most twice the error of the same maths in the input dtype, plus a
-small floor. Runs under TRITON_INTERPRET=1 on CPU when there is no GPU."""
+FlashAttention's error rule (tests/_attention_checks.py). Runs under TRITON_INTERPRET=1 on CPU
+when there is no GPU."""
 
 import os
 
@@ -12,6 +12,7 @@ if not torch.cuda.is_available():
 
 triton = pytest.importorskip("triton", reason="triton is not installed")
 
+from _attention_checks import check_flash_rule  # noqa: E402
 from selfboottok.ops._torch_impl import attention_reference  # noqa: E402
 from selfboottok.ops.triton import attention as triton_attention  # noqa: E402
 from selfboottok.ops.triton.attention import attention_bwd, attention_fwd  # noqa: E402
@@ -21,11 +22,6 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no CUDA device and TRITON_INTERPRET != 1", allow_module_level=True)
 
 F64 = torch.float64
-# times the largest reference value (out, dq, dk, dv): the flash backward rounds where autograd
-# may be exact (with Lk = 1, dk is exactly 0)
-# fp32: the kernel's dots sum in a different order from torch's blocked matmul (sequentially
-# under the interpreter), which alone costs about 1e-5 of the largest value on some seeds
-FLOOR = {torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 1e-3}
 
 
 def make_inputs(gen, B, H, Lq, lengths, D, layout, dtype):
@@ -92,10 +88,6 @@ def run_kernels(q, ks, vs, mask, causal, scale, dout, g_lse):
     return out, lse, dq, dks, dvs
 
 
-def max_err(x, ref):
-    return (x.to(F64) - ref).abs().max().item()
-
-
 def check_case(gen, B, H, Lq, lengths, D, mask_kind, causal, layout, dtype, with_g_lse=True, scale=None):
     scale = D**-0.5 if scale is None else scale
     q, ks, vs = make_inputs(gen, B, H, Lq, lengths, D, layout, dtype)
@@ -131,18 +123,12 @@ def check_case(gen, B, H, Lq, lengths, D, mask_kind, causal, layout, dtype, with
         hidden = ~mask[:, None, :].expand(B, H, Lk)
         assert (got[2][hidden] == 0).all() and (got[3][hidden] == 0).all()
 
-    refs = (r_out, *r_grads)
-    floor = FLOOR[dtype] * max(r.abs().max().item() for r in refs)
-    errors = {}
-    for name, g, b, r in zip(("out", "dq", "dk", "dv"), got, (b_out, *b_grads), refs):
-        errors[name] = (max_err(g, r), 2 * max_err(b, r) + floor)
+    names = ("out", "dq", "dk", "dv")
+    errors = check_flash_rule(dtype, dict(zip(names, got)), dict(zip(names, (b_out, *b_grads))),
+                              dict(zip(names, (r_out, *r_grads))))
     if (~empty).any():
-        lse_floor = FLOOR[dtype] * r_lse[~empty].abs().max().item()
-        errors["lse"] = (max_err(lse[~empty], r_lse[~empty]),
-                         2 * max_err(b_lse[~empty], r_lse[~empty]) + lse_floor)
-    print({k: f"{e:.2e} / {budget:.2e}" for k, (e, budget) in errors.items()})
-    for name, (e, budget) in errors.items():
-        assert e <= budget, (name, e, budget)
+        errors.update(check_flash_rule(dtype, {"lse": lse[~empty]}, {"lse": b_lse[~empty]},
+                                       {"lse": r_lse[~empty]}))
     return errors
 
 

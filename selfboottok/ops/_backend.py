@@ -111,10 +111,10 @@ def status(device_type: str = "cpu") -> dict[str, tuple[bool, str]]:
 
 def resolve(backend: str, device: torch.device, auto_order: tuple[str, ...], avail=None) -> str:
     """The backend to run: `auto` picks the first available in auto_order. `avail` is an op's
-    own status dict when it differs from the compiled kernels' `status`."""
-    if backend not in BACKENDS + ("auto",):
-        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+    own status dict (its keys are the op's backends) when it differs from `status`."""
     avail = status(device.type) if avail is None else avail
+    if backend not in tuple(avail) + ("auto",):
+        raise ValueError(f"backend must be one of {('auto',) + tuple(avail)}, got {backend!r}")
     if backend == "auto":
         for name in auto_order:
             # the Triton interpreter on CPU tensors is for tests; auto never picks it

@@ -67,12 +67,13 @@ def sinkhorn_value(cost, a, b, plan, f, g, eps):
     return value, value_linear
 
 
-def attention_allowed(key_padding_mask, causal, B, Lq, Lk, device):
-    """Bool ``[B,1,Lq,Lk]`` (or None when everything is allowed): True where query i may see
-    key j. Causal is aligned bottom-right: ``j <= i + (Lk - Lq)``."""
+def attention_allowed(key_padding_mask, causal, Lq, Lk, device):
+    """Bool, True where query i may see key j (or None when everything is allowed), in its
+    smallest broadcast shape: ``[B,1,1,Lk]`` for a padding mask, ``[1,1,Lq,Lk]`` for causal,
+    ``[B,1,Lq,Lk]`` for both. Causal is aligned bottom-right: ``j <= i + (Lk - Lq)``."""
     allowed = None
     if key_padding_mask is not None:
-        allowed = key_padding_mask[:, None, None, :].expand(B, 1, Lq, Lk)
+        allowed = key_padding_mask[:, None, None, :]
     if causal:
         i = torch.arange(Lq, device=device)[:, None]
         j = torch.arange(Lk, device=device)[None, :]
@@ -90,14 +91,14 @@ def attention_reference(q, k, v, key_padding_mask=None, causal=False, scale=None
     with zero gradients. ``return_lse`` also returns the float32/float64 log-sum-exp of the
     masked scaled scores, ``-inf`` for such rows.
     """
-    B, _, Lq, D = q.shape
+    Lq, D = q.shape[2:]
     Lk = k.shape[2]
     scale = D**-0.5 if scale is None else scale
     dtype = q.dtype
     if upcast:
         dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     s = (q.to(dtype) @ k.to(dtype).transpose(-1, -2)) * scale
-    allowed = attention_allowed(key_padding_mask, causal, B, Lq, Lk, q.device)
+    allowed = attention_allowed(key_padding_mask, causal, Lq, Lk, q.device)
     if allowed is not None:
         s = s.masked_fill(~allowed, float("-inf"))
     # the shift cancels in the softmax; 0 on empty rows keeps exp(-inf - m) = 0 instead of NaN
@@ -125,10 +126,10 @@ def attention_backward_reference(q, k, v, key_padding_mask, causal, scale, lse, 
     """
     c = torch.float64 if q.dtype == torch.float64 else torch.float32
     qc, kc, vc = q.to(c), k.to(c), v.to(c)
-    B, _, Lq, _ = q.shape
+    Lq = q.shape[2]
     s = (qc @ kc.transpose(-1, -2)) * scale
     keep = torch.isfinite(lse)[..., None]
-    allowed = attention_allowed(key_padding_mask, causal, B, Lq, k.shape[2], q.device)
+    allowed = attention_allowed(key_padding_mask, causal, Lq, k.shape[2], q.device)
     if allowed is not None:
         keep = keep & allowed
     p = torch.where(keep, torch.exp(s - torch.where(keep, lse.to(c)[..., None], 0.0)), 0.0)

@@ -1,22 +1,23 @@
-"""Fused scaled-dot-product attention: `attention`, its custom op, and `MultiheadAttention`."""
+"""Fused scaled-dot-product attention: `attention` and its custom ops."""
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
 import torch
-from torch import nn
 
-from . import _backend
+from . import _attention_auto as auto
+from . import _backend, _flops
 from ._torch_impl import attention_allowed, attention_backward_reference, attention_reference
 
-__all__ = ["attention", "MultiheadAttention", "status"]
+__all__ = ["attention", "status", "which_backend"]
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 MAX_HEAD_DIM = 128
 MAX_CHUNKS = 4
-KERNELS = ("cuda", "triton")
+KERNELS = auto.KERNELS
 
 
 def attention(q, k, v, *, key_padding_mask=None, causal=False, scale=None, backend="auto"):
@@ -24,29 +25,71 @@ def attention(q, k, v, *, key_padding_mask=None, causal=False, scale=None, backe
 
     Args:
         q: ``[B,H,Lq,D]``; ``D <= 128`` and a multiple of 8. float32/float16/bfloat16
-            (float64 for references and tests: served by the ``cpu`` and ``torch`` backends).
+            (float64 for references and tests: served by the ``sdpa`` and ``torch`` backends).
         k, v: ``[B,H,Lk,D]``, or equal-length lists/tuples of up to 4 chunks ``[B,H,Lk_i,D]``
             read as their concatenation along the sequence. The ``cuda`` and ``triton`` kernels
-            read the chunks in place (no copy); ``cpu`` and ``torch`` concatenate them. Any
+            read the chunks in place (no copy); ``sdpa`` and ``torch`` concatenate them. Any
             strides with a contiguous last dim are read as they are. Same dtype and device as q.
         key_padding_mask: bool ``[B,Lk]``, True for a real key.
         causal: query ``i`` may attend key ``j`` iff ``j <= i + (Lk - Lq)``: the diagonal is
             aligned bottom-right (FlashAttention convention), so the last query sees every key.
         scale: multiplies the scores; default ``1/sqrt(D)``.
-        backend: ``"auto"`` (cuda, then triton on GPU tensors; cpu on CPU tensors) | ``"cuda"`` |
-            ``"triton"`` | ``"cpu"`` (PyTorch's SDPA) | ``"torch"`` (the explicit reference).
+        backend: ``"auto"`` (see :func:`which_backend`) | ``"sdpa"`` (PyTorch's fused kernels,
+            CPU and CUDA) | ``"cuda"`` | ``"triton"`` | ``"torch"`` (the explicit reference) |
+            ``"cpu"`` (``sdpa`` on CPU tensors, its earlier name).
 
     A query row with no allowed key returns zeros, and its gradients are zero.
     Returns ``[B,H,Lq,D]`` in the dtype of ``q``.
     """
     q, k, v, key_padding_mask, scale = _check(q, k, v, key_padding_mask, causal, scale)
+    name, _ = _resolve(backend, q, k, v, key_padding_mask, causal, scale)
+    out, _ = torch.ops.selfboottok.attention(q, k, v, key_padding_mask, bool(causal), scale, name)
+    return out
+
+
+def which_backend(q, k, v, *, key_padding_mask=None, causal=False, scale=None, backend="auto"):
+    """(backend, why) that :func:`attention` runs for these arguments. ``auto``: ``sdpa`` on CPU
+    tensors; on CUDA tensors ``sdpa`` unless a kernel of ours was measured faster than it for
+    the call's GPU, dtype, head dim, shape class, causality and pass (forward, or forward and
+    backward when an input requires grad): see ``selfboottok/ops/_attention_auto.py``."""
+    q, k, v, key_padding_mask, scale = _check(q, k, v, key_padding_mask, causal, scale)
+    return _resolve(backend, q, k, v, key_padding_mask, causal, scale)
+
+
+def _resolve(backend, q, k, v, key_padding_mask, causal, scale):
     avail = status(q.device.type)
     if q.dtype == torch.float64:
         for name in KERNELS:
             avail[name] = (False, "the kernels take float32, float16 and bfloat16, not float64")
-    name = _backend.resolve(backend, q.device, KERNELS + ("cpu",), avail)
-    out, _ = torch.ops.selfboottok.attention(q, k, v, key_padding_mask, bool(causal), scale, name)
-    return out
+    if backend != "auto":
+        name = _backend.resolve(backend, q.device, (), avail)
+        return ("sdpa" if name == "cpu" else name), "requested"
+    if q.device.type != "cuda":
+        name = "sdpa" if avail["sdpa"][0] else "torch"
+        return name, f"{q.device.type} tensors: {avail[name][1]}"
+    backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, *k, *v))
+    key = auto.key_for(_gpu_name(q.device), q.dtype, q.shape[3], q.shape[2],
+                       sum(c.shape[2] for c in k), causal, backward)
+    kernels = [n for n in KERNELS if avail[n][0]]
+    measure = None
+    if auto.benchmark_enabled() and not torch.compiler.is_compiling():
+        def measure(name):
+            return auto.time_ms(functools.partial(_trial, name, q, k, v, key_padding_mask, causal, scale, backward))
+    return auto.choose(key, kernels, measure)
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu_name(device):
+    return torch.cuda.get_device_name(device)
+
+
+def _trial(name, q, k, v, key_padding_mask, causal, scale, backward):
+    """One call of backend `name` on inputs shaped like the arguments (for in-process timing)."""
+    with torch.enable_grad() if backward else torch.no_grad():
+        q, k, v = (t.detach().requires_grad_(backward) for t in (q, torch.cat(k, 2), torch.cat(v, 2)))
+        out, _ = torch.ops.selfboottok.attention(q, [k], [v], key_padding_mask, causal, scale, name)
+        if backward:
+            out.backward(torch.ones_like(out))
 
 
 def _check(q, k, v, key_padding_mask, causal, scale):
@@ -115,8 +158,8 @@ def _lastdim_contiguous(t):
 
 
 def status(device_type: str = "cpu") -> dict[str, tuple[bool, str]]:
-    """backend -> (available for attention on `device_type` tensors, reason). The `cpu`
-    backend is PyTorch's SDPA, so unlike the other ops it needs no compiled extension."""
+    """backend -> (available for attention on `device_type` tensors, reason). The `sdpa`
+    backend is PyTorch's, so unlike the other ops it needs no compiled extension."""
     out = {}
     ext, why = _backend.extension()
     if device_type != "cuda":
@@ -131,7 +174,13 @@ def status(device_type: str = "cpu") -> dict[str, tuple[bool, str]]:
         out["cuda"] = (True, "CUDA kernels in selfboottok._C")
     out["triton"] = _backend._triton_status(device_type)
     if device_type == "cpu":
-        out["cpu"] = (True, "torch scaled_dot_product_attention on CPU")
+        out["sdpa"] = (True, "PyTorch's fused CPU flash-attention kernels")
+    elif device_type == "cuda":
+        out["sdpa"] = (True, "PyTorch's fused kernels (cuDNN, flash or memory-efficient, as SDPA picks)")
+    else:
+        out["sdpa"] = (False, f"PyTorch's fused kernels take CPU or CUDA tensors, not {device_type}")
+    if device_type == "cpu":
+        out["cpu"] = (True, "the sdpa backend on CPU tensors (its name before sdpa served CUDA)")
     else:
         out["cpu"] = (False, "tensors are not on the CPU")
     out["torch"] = (True, "pure-PyTorch reference")
@@ -147,42 +196,120 @@ def _cat(chunks):
     return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=2)
 
 
-def _sdpa_bias(q, k, key_padding_mask, causal):
-    """PyTorch's CPU flash kernel takes masks as an additive bias in q's dtype; also returns
-    the rows that see no key (which that kernel leaves at lse = 0)."""
-    B, _, Lq, _ = q.shape
-    allowed = attention_allowed(key_padding_mask, causal, B, Lq, k.shape[2], q.device)
-    if allowed is None:
-        return None, None
-    bias = torch.zeros(allowed.shape, dtype=q.dtype).masked_fill(~allowed, float("-inf"))
-    return bias, ~allowed.any(-1)
+def _delta(dout, out, dtype):
+    """rowsum(dout * out), the backward's per-row term when the lse has no gradient."""
+    return (dout.to(dtype) * out.to(dtype)).sum(-1)
 
 
-def _sdpa_cpu(q, k, v, key_padding_mask, causal, scale):
-    bias, empty = _sdpa_bias(q, k, key_padding_mask, causal)
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q, k, v, 0.0, False, attn_mask=bias, scale=scale
-    )
+# ---- the sdpa backend: PyTorch's fused kernels with this op's semantics ----------------------
+
+_SDPA_KINDS = {1: "flash", 2: "efficient", 3: "cudnn"}  # torch._fused_sdp_choice's SDPBackend
+
+
+def _sdpa_plan(q, k, key_padding_mask, causal):
+    """(additive bias or None, is_causal, rows with no allowed key or None) for the fused
+    kernels. Their own causal flag is aligned top-left, so it serves only Lq == Lk without a
+    padding mask; otherwise the bias holds the mask, in its smallest broadcast shape with the
+    key dim padded to 16 elements (the memory-efficient kernel's alignment). A row with no
+    allowed key sees every key there instead (an all -inf row is NaN in these kernels): its
+    output and lse are set afterwards."""
+    Lq, Lk = q.shape[2], k.shape[2]
+    if key_padding_mask is None and (not causal or Lq == Lk):
+        return None, causal, None
+    allowed = attention_allowed(key_padding_mask, causal, Lq, Lk, q.device)
+    empty = ~allowed.any(-1, keepdim=True)
+    padded = torch.zeros(*allowed.shape[:-1], -(-Lk // 16) * 16, dtype=q.dtype, device=q.device)
+    bias = padded[..., :Lk].masked_fill_(~(allowed | empty), float("-inf"))
+    return bias, False, empty[..., 0]
+
+
+def _sdpa_kind(q, k, v, bias, is_causal, scale):
+    """The fused kernel SDPA itself would run here (it honours torch.nn.attention.sdpa_kernel);
+    "math" when none applies."""
+    if q.device.type == "cpu":
+        return "cpu_flash"
+    choice = torch._fused_sdp_choice(q, k, v, bias, 0.0, is_causal, scale=scale)
+    return _SDPA_KINDS.get(int(choice), "math")
+
+
+def _expanded(bias, q, k):
+    return None if bias is None else bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+
+
+def _efficient_lse_len(Lq):
+    return Lq if torch.version.hip else -(-Lq // 32) * 32
+
+
+@functools.lru_cache(maxsize=None)
+def _cudnn_lse_shape(B, H, Lq, Lk, D, dtype):
+    """The lse shape the cuDNN kernel returns and its backward takes, from its meta function."""
+    q, k = (torch.empty(B, H, L, D, dtype=dtype, device="meta") for L in (Lq, Lk))
+    return tuple(torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, k, None, True)[1].shape)
+
+
+def _sdpa_forward(q, k, v, key_padding_mask, causal, scale):
+    bias, is_causal, empty = _sdpa_plan(q, k, key_padding_mask, causal)
+    kind = _sdpa_kind(q, k, v, bias, is_causal, scale)
+    aten = torch.ops.aten
+    if kind == "math":
+        return attention_reference(q, k, v, key_padding_mask, causal, scale, return_lse=True)
+    if kind == "cpu_flash":
+        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, is_causal, attn_mask=bias, scale=scale)
+    elif kind == "flash":
+        out, lse = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, is_causal, False, scale=scale)[:2]
+    elif kind == "efficient":
+        out, lse = aten._scaled_dot_product_efficient_attention(
+            q, k, v, _expanded(bias, q, k), True, 0.0, is_causal, scale=scale)[:2]
+        lse = lse[..., : q.shape[2]]
+    else:
+        out, lse = aten._scaled_dot_product_cudnn_attention(
+            q, k, v, bias, True, 0.0, is_causal, False, scale=scale)[:2]
+        lse = lse.reshape(q.shape[:3])
     if empty is not None:
-        lse = lse.masked_fill(empty, float("-inf"))
         out = out.masked_fill(empty[..., None], 0.0)
+        lse = lse.masked_fill(empty, float("-inf"))
     return out, lse
 
 
-def _sdpa_cpu_backward(q, k, v, key_padding_mask, causal, scale, out, lse, dout, delta):
-    bias, _ = _sdpa_bias(q, k, key_padding_mask, causal)
-    # lse = 0 on empty rows: their scores are all -inf, so P = 0 there
-    finite_lse = torch.where(torch.isfinite(lse), lse, 0.0)
-    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        dout, q, k, v, out, finite_lse, 0.0, False, attn_mask=bias, scale=scale
-    )
-    # PyTorch's kernel forms delta = rowsum(dout * out) itself; a gradient of lse adds
-    # P * (that - delta), done by explicit math only when it is not zero
-    extra = (dout.to(lse.dtype) * out.to(lse.dtype)).sum(-1) - delta
-    if bool(extra.any()):
+def _sdpa_backward(q, k, v, key_padding_mask, causal, scale, out, lse, dout, delta):
+    bias, is_causal, _ = _sdpa_plan(q, k, key_padding_mask, causal)
+    kind = _sdpa_kind(q, k, v, bias, is_causal, scale)
+    aten = torch.ops.aten
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    if kind == "math":
+        delta = _delta(dout, out, lse.dtype) if delta is None else delta
+        return attention_backward_reference(q, k, v, key_padding_mask, causal, scale, lse, dout, delta)
+    # +inf on rows with no allowed key: P = exp(s - lse) = 0 there, whatever the bias row holds
+    lse_in = lse.masked_fill(torch.isneginf(lse), float("inf"))
+    if kind == "cpu_flash":
+        dq, dk, dv = aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout, q, k, v, out, lse_in, 0.0, is_causal, attn_mask=bias, scale=scale)
+    else:
+        dout = dout.contiguous()
+        # dropout is off: the kernels never read the random-number state
+        seed = torch.zeros((), dtype=torch.int64, device=q.device)
+        if kind == "flash":
+            dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
+                dout, q, k, v, out, lse_in, None, None, Lq, Lk, 0.0, is_causal, seed, seed, scale=scale)
+        elif kind == "efficient":
+            padded = lse_in.new_full((B, H, _efficient_lse_len(Lq)), float("inf"))
+            padded[..., :Lq] = lse_in
+            dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
+                dout, q, k, v, _expanded(bias, q, k), out, padded, seed, seed, 0.0,
+                [True, True, True, False], is_causal, scale=scale)
+        else:
+            shape = _cudnn_lse_shape(B, H, Lq, Lk, D, q.dtype)
+            dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(
+                dout, q, k, v, out, lse_in.reshape(shape), seed, seed, bias, None, None, Lq, Lk,
+                0.0, is_causal, scale=scale)
+    if delta is not None:
+        # the fused kernels take delta = rowsum(dout * out); a gradient of the lse adds
+        # P * (that - delta), done here by explicit math
+        extra = _delta(dout, out, lse.dtype) - delta
         eq, ek, _ = attention_backward_reference(
-            q, k, v, key_padding_mask, causal, scale, lse, torch.zeros_like(dout), -extra
-        )
+            q, k, v, key_padding_mask, causal, scale, lse, torch.zeros_like(dout), -extra)
         dq, dk = dq + eq, dk + ek
     return dq, dk, dv
 
@@ -208,8 +335,8 @@ def _attention_op(
             from .triton.attention import attention_fwd
 
             out, lse = attention_fwd(q, k, v, key_padding_mask, causal, scale)
-        elif backend == "cpu":
-            out, lse = _sdpa_cpu(q, _cat(k), _cat(v), key_padding_mask, causal, scale)
+        elif backend == "sdpa":
+            out, lse = _sdpa_forward(q, _cat(k), _cat(v), key_padding_mask, causal, scale)
         else:
             out, lse = attention_reference(
                 q, _cat(k), _cat(v), key_padding_mask, causal, scale, return_lse=True
@@ -234,11 +361,14 @@ def _attention_backward_op(
     out: torch.Tensor,
     lse: torch.Tensor,
     dout: torch.Tensor,
-    delta: torch.Tensor,
+    delta: Optional[torch.Tensor],
     backend: str,
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-    """-> (dq, dk chunks, dv chunks), given ``delta = rowsum(dout * out) - grad_lse``."""
+    """-> (dq, dk chunks, dv chunks), given ``delta = rowsum(dout * out) - grad_lse``, or None
+    when the lse has no gradient."""
     with torch.no_grad():
+        if backend in KERNELS and delta is None:
+            delta = _delta(dout, out, lse.dtype)
         if backend == "cuda":
             dq, dk, dv = torch.ops.selfboottok.attention_bwd_kernel(
                 q, k, v, key_padding_mask, causal, scale, out, lse, dout, delta
@@ -249,11 +379,12 @@ def _attention_backward_op(
             dq, dk, dv = attention_bwd(q, k, v, key_padding_mask, causal, scale, out, lse, dout, delta)
         else:
             kc, vc = _cat(k), _cat(v)
-            if backend == "cpu":
-                dq, dk, dv = _sdpa_cpu_backward(
+            if backend == "sdpa":
+                dq, dk, dv = _sdpa_backward(
                     q, kc, vc, key_padding_mask, causal, scale, out, lse, dout, delta
                 )
             else:
+                delta = _delta(dout, out, lse.dtype) if delta is None else delta
                 dq, dk, dv = attention_backward_reference(
                     q, kc, vc, key_padding_mask, causal, scale, lse, dout, delta
                 )
@@ -282,12 +413,11 @@ def _backward(ctx, g_out, g_lse):
     q, key_padding_mask, out, lse, *kv = ctx.saved_tensors
     k, v = kv[: ctx.n_chunks], kv[ctx.n_chunks :]
     dout = torch.zeros_like(out) if g_out is None else _lastdim_contiguous(g_out.to(q.dtype))
-    delta = (dout.to(lse.dtype) * out.to(lse.dtype)).sum(-1)
+    delta = None
     if g_lse is not None:
-        delta = delta - g_lse.to(lse.dtype)
+        delta = (_delta(dout, out, lse.dtype) - g_lse.to(lse.dtype)).contiguous()
     dq, dk, dv = torch.ops.selfboottok.attention_backward(
-        q, k, v, key_padding_mask, ctx.causal, ctx.scale, out, lse, dout, delta.contiguous(),
-        ctx.backend,
+        q, k, v, key_padding_mask, ctx.causal, ctx.scale, out, lse, dout, delta, ctx.backend
     )
     return dq, dk, dv, None, None, None, None
 
@@ -295,58 +425,4 @@ def _backward(ctx, g_out, g_lse):
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-class MultiheadAttention(nn.Module):
-    """Multi-head (self- or cross-) attention with q/k/v/out projections over :func:`attention`.
-
-    ``kv_dim`` is the feature size of ``context`` for cross-attention (default ``dim``).
-    """
-
-    def __init__(self, dim, num_heads, qkv_bias=True, kv_dim=None):
-        super().__init__()
-        if dim % num_heads != 0:
-            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
-        kv_dim = dim if kv_dim is None else kv_dim
-        self.num_heads = num_heads
-        self.q_proj = nn.Linear(dim, dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(kv_dim, dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(kv_dim, dim, bias=qkv_bias)
-        self.out_proj = nn.Linear(dim, dim)
-
-    def forward(self, x, context=None, key_padding_mask=None, causal=False, cache=None):
-        """x ``[B,L,dim]``; context ``[B,Lk,kv_dim]`` or a list of such chunks (default x);
-        key_padding_mask bool ``[B,Lk]``. `cache` (incremental decoding): an object whose
-        ``append(k, v)`` stores this call's key and value chunks and returns all those stored so
-        far, which are attended to instead. Returns ``[B,L,dim]``."""
-        context = x if context is None else context
-        chunks = list(context) if isinstance(context, (list, tuple)) else [context]
-        q = self._heads(self.q_proj(x))
-        k = [self._heads(self.k_proj(c)) for c in chunks]
-        v = [self._heads(self.v_proj(c)) for c in chunks]
-        if cache is not None:
-            k, v = cache.append(k, v)
-        out = attention(q, k, v, key_padding_mask=key_padding_mask, causal=causal)
-        B, _, L, _ = out.shape
-        return self.out_proj(out.transpose(1, 2).reshape(B, L, -1))
-
-    def _heads(self, t):
-        B, L, _ = t.shape
-        return t.view(B, L, self.num_heads, -1).transpose(1, 2)
-
-
-def _register_flops():
-    """FLOP formulas so torch.utils.flop_counter counts the op: 4·B·H·Lq·Lk·D forward (two
-    matmuls) and 2.5x that backward (five), masks and causality not subtracted (as for SDPA)."""
-    from torch.utils.flop_counter import register_flop_formula
-
-    def forward_flops(q, k, *args, **kwargs):
-        B, H, Lq, D = q
-        return 4 * B * H * Lq * sum(c[2] for c in k) * D
-
-    def backward_flops(q, k, *args, **kwargs):
-        return forward_flops(q, k) * 5 // 2
-
-    register_flop_formula(torch.ops.selfboottok.attention)(forward_flops)
-    register_flop_formula(torch.ops.selfboottok.attention_backward)(backward_flops)
-
-
-_register_flops()
+_flops.register()
