@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fid import feature_stats, frechet_distance
+from .fid import fid_from_features
 
 __all__ = ["DomainEvaluator", "domain_evaluator", "train_domain_evaluator", "RECIPE", "SYNTHETIC_HEADS"]
 
@@ -125,16 +125,13 @@ class DomainEvaluator(nn.Module):
         return self.score(images, {"label": np.asarray(labels)}, batch_size)["label"]
 
     def frechet_distance(self, images, reference) -> float:
-        """Domain FD between `images` and `reference` (images [N,C,S,S], or features from
-        :meth:`features`, or a (mu, sigma) pair)."""
-        return frechet_distance(*self._stats(images), *self._stats(reference))
+        """Domain FD between `images` and `reference`: each images [N,C,S,S] or features
+        from :meth:`features` (exact for fewer samples than dimensions, see
+        `fid_from_features`)."""
+        return fid_from_features(self._features(images), self._features(reference))
 
-    def _stats(self, x):
-        if isinstance(x, (tuple, list)) and len(x) == 2:
-            return x
-        if isinstance(x, torch.Tensor) and x.dim() == 4:
-            x = self.features(x)
-        return feature_stats(x)
+    def _features(self, x):
+        return self.features(x) if isinstance(x, torch.Tensor) and x.dim() == 4 else x
 
 
 def _conv(c_in, c_out, stride):

@@ -96,14 +96,22 @@ class _Slot:
 
 
 class PatchEmbed(nn.Module):
-    """[B,3,H,W] -> [B, (H/p)(W/p), dim], row-major over the patch grid."""
+    """[B,3,H,W] -> [B, (H/p)(W/p), dim], row-major over the patch grid. `stem` > 0 first runs
+    a 3x3 conv to `stem` channels and one residual conv block at full resolution, so each patch
+    embedding sees its neighbours' pixels (edges, textures across the border)."""
 
-    def __init__(self, patch, dim, channels=3):
+    def __init__(self, patch, dim, channels=3, stem=0):
         super().__init__()
         self.patch = patch
+        self.stem = None
+        if stem:
+            self.stem = nn.Sequential(nn.Conv2d(channels, stem, 3, padding=1), ResBlock(stem))
+            channels = stem
         self.proj = nn.Conv2d(channels, dim, patch, stride=patch)
 
     def forward(self, x):
+        if self.stem is not None:
+            x = self.stem(x)
         return self.proj(x).flatten(2).transpose(1, 2)
 
 

@@ -36,7 +36,7 @@ class Encoder(nn.Module):
     def __init__(self, config, n_queries):
         super().__init__()
         vit = config.encoder
-        self.patch = PatchEmbed(config.patch_size, vit.width, config.channels)
+        self.patch = PatchEmbed(config.patch_size, vit.width, config.channels, config.encoder_stem)
         self.register_buffer("pos", sincos_2d(config.grid, vit.width), persistent=False)
         self.queries = LearnedQueries(n_queries, vit.width)
         self.query_pos = nn.Parameter(torch.zeros(n_queries, vit.width))
