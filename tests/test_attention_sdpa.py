@@ -61,6 +61,20 @@ def test_no_measurement_means_sdpa(table):
         assert name == "sdpa" and "no measurement" in why
 
 
+def test_the_pick_traces_under_torch_compile(table):
+    """attention() on CUDA tensors picks inside a torch.compile trace: the lookup must trace
+    (fullgraph, with dynamic shapes on the recompile)."""
+    table({key(): {"sdpa": [1.0], "triton": [0.5]}})
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def f(x):
+        k = auto.key_for("GPU X", x.dtype, x.shape[3], x.shape[2], x.shape[2], False, False)
+        return x * (3 if auto.pick(k, ["cuda", "triton"]) == "triton" else 2)
+
+    for L, factor in ((256, 3), (300, 3), (5000, 2)):
+        assert f(torch.ones(1, 1, L, 64, dtype=torch.bfloat16))[0, 0, 0, 0] == factor
+
+
 def test_keys():
     assert [auto.shape_class(256, L) for L in (64, 512, 513, 2048, 4096)] == [
         "short", "short", "medium", "medium", "long"]

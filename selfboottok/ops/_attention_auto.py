@@ -15,9 +15,8 @@ from __future__ import annotations
 import json
 import os
 import statistics
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -27,8 +26,7 @@ DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp
 SHORT, MEDIUM = 512, 2048  # longest of Lq, Lk: short <= 512 < medium <= 2048 < long
 
 
-@dataclass(frozen=True)
-class Key:
+class Key(NamedTuple):  # a tuple, so that torch.compile traces the lookups
     gpu: str
     dtype: str  # bf16 | fp16 | fp32 | fp64
     head_dim: int  # 64 (D <= 64) or 128
@@ -86,6 +84,24 @@ def benchmark_enabled() -> bool:
     return _state["benchmark"] and not torch.are_deterministic_algorithms_enabled()
 
 
+def _best(rows: dict, available: list[str]) -> tuple[str, dict[str, float]]:
+    """(the winner, kernel -> its worst speed-up over sdpa across the key's shapes)."""
+    best, best_ratio, ratios = "sdpa", 1.0, {}
+    for name in available:
+        if len(rows.get(name, ())) != len(rows["sdpa"]):
+            continue
+        ratios[name] = min(s / t for s, t in zip(rows["sdpa"], rows[name]))
+        if ratios[name] > best_ratio:
+            best, best_ratio = name, ratios[name]
+    return best, ratios
+
+
+def pick(key: Key, available: list[str]) -> str:
+    """choose's backend from the table alone, without the explanation (torch.compile traces it)."""
+    rows = table().get(key)
+    return "sdpa" if rows is None or "sdpa" not in rows else _best(rows, available)[0]
+
+
 def choose(key: Key, available: list[str], measure: Optional[Callable[[str], float]] = None) -> tuple[str, str]:
     """(backend, why) among `sdpa` and the `available` kernels. `measure(name)` -> ms times one
     candidate on the call's shapes; given (timing on), each key is timed once and cached."""
@@ -97,15 +113,7 @@ def choose(key: Key, available: list[str], measure: Optional[Callable[[str], flo
         rows, source = table().get(key), "attention_table.json"
     if rows is None or "sdpa" not in rows:
         return "sdpa", f"no measurement for ({key}) in {source}: sdpa"
-    best, best_ratio = "sdpa", 1.0
-    ratios = {}
-    for name in available:
-        if len(rows.get(name, ())) != len(rows["sdpa"]):
-            continue
-        # the worst shape of the class decides
-        ratios[name] = min(s / t for s, t in zip(rows["sdpa"], rows[name]))
-        if ratios[name] > best_ratio:
-            best, best_ratio = name, ratios[name]
+    best, ratios = _best(rows, available)
     measured = ", ".join(f"{n} {r:.2f}x" for n, r in ratios.items()) or "no kernel of ours measured"
     if best == "sdpa":
         return "sdpa", f"({key}) {source}: {measured} of sdpa, none faster: sdpa"

@@ -71,16 +71,22 @@ def _resolve(backend, q, k, v, key_padding_mask, causal, scale):
     key = auto.key_for(_gpu_name(q.device), q.dtype, q.shape[3], q.shape[2],
                        sum(c.shape[2] for c in k), causal, backward)
     kernels = [n for n in KERNELS if avail[n][0]]
+    if torch.compiler.is_compiling():
+        return auto.pick(key, kernels), "from attention_table.json (compiled)"
     measure = None
-    if auto.benchmark_enabled() and not torch.compiler.is_compiling():
+    if auto.benchmark_enabled():
         def measure(name):
             return auto.time_ms(functools.partial(_trial, name, q, k, v, key_padding_mask, causal, scale, backward))
     return auto.choose(key, kernels, measure)
 
 
-@functools.lru_cache(maxsize=None)
+_GPU_NAMES: dict = {}  # a plain dict, not lru_cache, so that torch.compile traces the lookup
+
+
 def _gpu_name(device):
-    return torch.cuda.get_device_name(device)
+    if device not in _GPU_NAMES:
+        _GPU_NAMES[device] = torch.cuda.get_device_name(device)
+    return _GPU_NAMES[device]
 
 
 def _trial(name, q, k, v, key_padding_mask, causal, scale, backward):
@@ -426,3 +432,4 @@ _attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 _flops.register()
+auto.table()  # read now, not inside a torch.compile trace
