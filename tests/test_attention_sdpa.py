@@ -132,6 +132,16 @@ def test_in_process_timing_once_per_key(table):
     assert len(calls) == 6
 
 
+@pytest.mark.parametrize("backward", [False, True])
+def test_a_timing_trial_runs_the_backend(gen, backward):
+    import importlib
+
+    mod = importlib.import_module("selfboottok.ops.attention")
+    q, k, v, mask = make(gen, 2, 2, 9, 13, 32, padded=True, dtype=torch.float32)
+    mod._trial("sdpa", q, [k[:, :, :5], k[:, :, 5:]], [v[:, :, :5], v[:, :, 5:]], mask, True, 0.2, backward)
+    assert q.grad is None  # the trial works on detached copies
+
+
 def test_timing_is_off_under_deterministic_algorithms(table):
     auto.set_benchmark(True)
     try:
@@ -283,3 +293,7 @@ def test_auto_on_cuda_tensors(gen, table):
     assert which_backend(q, q, q)[0] == ("triton" if triton_runs else "sdpa")
     # with gradients it is another key, without a measurement
     assert which_backend(q.requires_grad_(), q, q)[0] == "sdpa"
+    # in-process timing: each candidate runs on the call's shapes, once per key
+    auto.set_benchmark(True)
+    name, why = which_backend(q.detach(), q.detach(), q.detach(), causal=True)
+    assert name in ("sdpa", "cuda", "triton") and "timed in this process" in why

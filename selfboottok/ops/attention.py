@@ -90,10 +90,14 @@ def _gpu_name(device):
 
 
 def _trial(name, q, k, v, key_padding_mask, causal, scale, backward):
-    """One call of backend `name` on inputs shaped like the arguments (for in-process timing)."""
+    """One call of backend `name` on the arguments' tensors (for in-process timing)."""
+
+    def leaf(t):
+        return t.detach().requires_grad_(backward)
+
     with torch.enable_grad() if backward else torch.no_grad():
-        q, k, v = (t.detach().requires_grad_(backward) for t in (q, torch.cat(k, 2), torch.cat(v, 2)))
-        out, _ = torch.ops.selfboottok.attention(q, [k], [v], key_padding_mask, causal, scale, name)
+        out, _ = torch.ops.selfboottok.attention(
+            leaf(q), [leaf(c) for c in k], [leaf(c) for c in v], key_padding_mask, causal, scale, name)
         if backward:
             out.backward(torch.ones_like(out))
 
