@@ -7,7 +7,8 @@
 #   gpu_test_failures.txt   the named list of failing or erroring tests (empty: none)
 #   attention_table.json    auto's table with this GPU's measurements merged in: copy it to
 #                           selfboottok/ops/ to commit it
-# Usage: bash bench/gpu_check.sh
+# Usage: bash bench/gpu_check.sh            (PART=tests or PART=bench runs one half after the build,
+#        for a device tool that limits one command to 10 minutes)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RES=${RES:-bench/results}
@@ -15,6 +16,7 @@ mkdir -p "$RES"
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export SELFBOOTTOK_CUDA=1 PYTHONUNBUFFERED=1
 PY=${PY:-python3}
+PART=${PART:-all}
 pack() { [ -n "${OUT:-}" ] && tar czf "$OUT/gpu_results.tar.gz" "$RES"; }
 trap pack EXIT
 step() { local limit=$1; shift; echo "== $* (limit ${limit}s)"; local t0=$SECONDS
@@ -26,6 +28,7 @@ step 280 $PY -m pip install --no-build-isolation --no-deps -e . > "$RES/build.lo
 tail -3 "$RES/build.log"
 $PY -m selfboottok.ops | tee "$RES/backends.txt"
 
+if [ "$PART" != bench ]; then
 # the GPU tests, by file or node id; the CPU-only tests of these files skip or run quickly
 tests=(
   tests/test_attention_cuda.py
@@ -40,11 +43,14 @@ opts=(-v -rfE -p no:cacheprovider)
 $PY -c "import pytest_timeout" 2>/dev/null && opts+=(--timeout 120)
 $PY -c "import xdist" 2>/dev/null && opts+=(-n 8)
 step 300 $PY -m pytest "${opts[@]}" "${tests[@]}" > "$RES/gpu_tests.log" 2>&1
-grep -E "^(FAILED|ERROR) " "$RES/gpu_tests.log" | sort -u > "$RES/gpu_test_failures.txt"
+# from the -v lines too, so that a run cut off by its limit still names its failures
+grep -oE "(FAILED|ERROR) tests/[^ ]+" "$RES/gpu_tests.log" | sort -u > "$RES/gpu_test_failures.txt"
 grep -E "passed|failed|node down|Timeout" "$RES/gpu_tests.log" | tail -5
 echo "failing tests: $(wc -l < "$RES/gpu_test_failures.txt") (gpu_test_failures.txt)"
 head -40 "$RES/gpu_test_failures.txt"
+fi
 
+[ "$PART" = tests ] && exit 0
 cp selfboottok/ops/attention_table.json "$RES/attention_table.json"
 step 100 $PY bench/attention.py --device cuda --repeats 10 --max-cell-seconds 3 --out "$RES" \
   --write-table "$RES/attention_table.json" > "$RES/attention_bench.log" 2>&1
