@@ -163,7 +163,8 @@ def test_ops_command_says_what_auto_picks():
 
 @pytest.mark.parametrize("kind", ["flash", "efficient", "cudnn"])
 @pytest.mark.parametrize("case", [(33, 33, False, False), (40, 40, False, True), (33, 70, True, True),
-                                  (70, 33, False, True), (70, 33, True, False)], ids=str)
+                                  (70, 33, False, True), (70, 33, True, False)],
+                         ids=lambda c: f"Lq{c[0]}-Lk{c[1]}-{'pad' if c[2] else 'nomask'}-{'causal' if c[3] else 'full'}")
 def test_sdpa_cuda_calls_match_the_aten_schemas(monkeypatch, kind, case):
     """Without a GPU: each fused CUDA kernel's forward and backward call, run on meta tensors,
     type-checks against PyTorch's schema and meta function (argument kinds, shapes, the lse
@@ -208,7 +209,8 @@ def _sdpa_context(kind):
 
 
 @needs_gpu
-@pytest.mark.parametrize("case", CUDA_CASES, ids=str)
+@pytest.mark.parametrize("case", CUDA_CASES,
+                         ids=lambda c: f"B{c[0]}H{c[1]}-Lq{c[2]}-Lk{c[3]}-D{c[4]}-{c[5]}-{'causal' if c[6] else 'full'}")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("kind", list(FUSED))
 def test_sdpa_cuda_matches_reference(gen, kind, dtype, case):
