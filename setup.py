@@ -41,7 +41,7 @@ setup(
     cmdclass=cmdclass,
     packages=find_packages(include=["selfboottok", "selfboottok.*"]) + ["selfboottok._csrc"],
     package_dir={"selfboottok._csrc": "csrc"},
-    package_data={"selfboottok.ops": ["attention_table.json"],
+    package_data={"selfboottok.ops": ["attention_table.json"], "selfboottok.eval": ["weights/*"],
                   "selfboottok._csrc": ["sources.txt", "*.cpp", "*.h", "*/*.h", "*/*.inc", "*/*.cuh", "*/*.cpp",
                                         "*/*.cu"]},
 )

@@ -108,6 +108,7 @@ class SelfBootTokConfig:
     decoder_head: str = "linear"
     head_channels: int = 32
     head_blocks: int = 1
+    head_local_2d: bool = False  # conv head: the 2D local tokens also feed its feature map directly
     encoder_stem: int = 0  # > 0: a full-resolution conv stem of that many channels before patchify
     encoder: ViTConfig = field(default_factory=ViTConfig)
     decoder: ViTConfig = field(default_factory=ViTConfig)
@@ -166,6 +167,8 @@ class SelfBootTokConfig:
              f"alignment must be 'ot', 'avgpool' or 'softmax', got {self.alignment!r}")
         need(self.decoder_head in ("linear", "conv"),
              f"decoder_head must be 'linear' or 'conv', got {self.decoder_head!r}")
+        need(not self.head_local_2d or self.decoder_head == "conv",
+             "head_local_2d needs decoder_head='conv'")
         need(self.encoder_stem >= 0, f"encoder_stem must be >= 0, got {self.encoder_stem}")
         need(self.head_channels >= 1 and self.head_blocks >= 0,
              f"head_channels must be >= 1 and head_blocks >= 0, got {self.head_channels}, {self.head_blocks}")

@@ -7,7 +7,10 @@ real and generated images in its feature space ("domain FD"), which, unlike Ince
 
 It is trained once per (dataset, image size, recipe) and cached as safetensors + JSON under
 ``$SELFBOOTTOK_CACHE/domain`` (default ``~/.cache/selfboottok/domain``). Training is seeded
-and single-threaded, so the same recipe gives the same weights on every run.
+and single-threaded, so the same recipe gives the same weights on every run. The package ships
+the default recipe's evaluators of the embedded synthetic set and of MNIST at 32x32 (in
+`selfboottok/eval/weights/`, named as the cache names them), because training them takes
+about ten minutes on one CPU core.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ __all__ = ["DomainEvaluator", "domain_evaluator", "train_domain_evaluator", "REC
 
 # bump when the network or its training changes, so cached evaluators are retrained
 VERSION = 1
+BUNDLED = Path(__file__).resolve().parent / "weights"
 RECIPE = {"n_train": 20000, "n_test": 2000, "epochs": 8, "batch_size": 128, "lr": 2e-3,
           "weight_decay": 0.05, "width": 32, "seed": 0}
 # factor -> (kind, size): "class" (categorical, size = classes), "reg" (standardised value),
@@ -260,7 +264,10 @@ def domain_evaluator(dataset: str = "synthetic", image_size: int = 32, recipe: O
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     folder = _cache_dir(cache_dir)
     slug = "".join(ch if ch.isalnum() else "-" for ch in Path(name).name.lower())[:40]
-    weights, meta = folder / f"{slug}-{image_size}-{digest}.safetensors", folder / f"{slug}-{image_size}-{digest}.json"
+    stem = f"{slug}-{image_size}-{digest}"
+    weights, meta = folder / f"{stem}.safetensors", folder / f"{stem}.json"
+    if not (weights.is_file() and meta.is_file()) and (BUNDLED / f"{stem}.json").is_file():
+        weights, meta = BUNDLED / f"{stem}.safetensors", BUNDLED / f"{stem}.json"
     if weights.is_file() and meta.is_file():
         info = json.loads(meta.read_text())
         model = DomainEvaluator(info["image_size"], info["channels"], info["heads"], info["recipe"]["width"],

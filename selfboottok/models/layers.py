@@ -134,18 +134,24 @@ class ConvHead(nn.Module):
     """Patch tokens [B, N, W] (row-major grid) -> image [B, C, H, W]: a linear map to `hidden`
     features per pixel of each patch, laid out as a feature map (depth-to-space), `blocks`
     residual conv blocks and a 3x3 conv to the image: pixels on either side of a patch border
-    are computed together, so the output has no patch seams."""
+    are computed together, so the output has no patch seams. `skip_dim` > 0: per-patch vectors
+    [B, N, skip_dim] passed to `forward` are mapped the same way and added to the feature map,
+    a direct path from per-patch codes to the pixels."""
 
-    def __init__(self, width, patch, grid, channels=3, hidden=32, blocks=1):
+    def __init__(self, width, patch, grid, channels=3, hidden=32, blocks=1, skip_dim=0):
         super().__init__()
         self.patch, self.grid, self.hidden = patch, grid, hidden
         self.proj = nn.Linear(width, patch * patch * hidden)
+        self.skip = nn.Linear(skip_dim, patch * patch * hidden) if skip_dim else None
         self.blocks = nn.Sequential(*(ResBlock(hidden) for _ in range(blocks)))
         groups = max(g for g in (8, 4, 2, 1) if hidden % g == 0)
         self.out = nn.Sequential(nn.GroupNorm(groups, hidden), nn.SiLU(), nn.Conv2d(hidden, channels, 3, padding=1))
 
-    def forward(self, x):
-        fmap = unpatchify(self.proj(x), self.patch, self.grid, self.hidden)
+    def forward(self, x, skip=None):
+        h = self.proj(x)
+        if self.skip is not None:
+            h = h + self.skip(skip)
+        fmap = unpatchify(h, self.patch, self.grid, self.hidden)
         return self.out(self.blocks(fmap))
 
 

@@ -76,8 +76,9 @@ class PixelDecoder(nn.Module):
             self.local_2d_in = nn.Linear(config.local_2d_dim, vit.width)
         self.vit = Transformer(vit.width, vit.depth, vit.heads, vit.mlp_ratio, cross=True)
         if config.decoder_head == "conv":
+            skip = config.local_2d_dim if self.global_mode and config.head_local_2d else 0
             self.out = ConvHead(vit.width, config.patch_size, config.grid, config.channels,
-                                config.head_channels, config.head_blocks)
+                                config.head_channels, config.head_blocks, skip)
         else:
             self.out = nn.Linear(vit.width, config.patch_size**2 * config.channels)
         if config.query_init == "pooled":  # grid cell p starts from the code of its region
@@ -102,7 +103,7 @@ class PixelDecoder(nn.Module):
         h = self.vit(x, context)
         c = self.config
         if c.decoder_head == "conv":
-            return self.out(h)
+            return self.out(h, local_2d)
         return unpatchify(self.out(h), c.patch_size, c.grid, c.channels)
 
 
