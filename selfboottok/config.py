@@ -96,6 +96,17 @@ class SelfBootTokConfig:
     generators: tuple = ("maskgit", "ar")
     ema_teacher: float = 0.0  # 0: stop-gradient targets; else EMA decay of a teacher encoder
     class_dropout: float = 0.1  # for classifier-free guidance
+    # generators (models/generator.py; checked when they are built). How the class conditions
+    # the transformer besides the prepended class token: "token" (nothing more), "add" (a class
+    # embedding added to every token's input) or "adaln" (adaLN-zero modulation of every block)
+    generator_cond: str = "token"
+    maskgit_min_mask: float = 0.0  # MaskGIT training masks at least this fraction of the tokens
+    # sampling defaults, each also a keyword argument of the generators' `generate`:
+    # "constant" guidance, or "linear": rising with the fraction of tokens fixed so far
+    guidance_schedule: str = "constant"
+    # MaskGIT: scale of the Gumbel noise on the confidences that pick the kept samples (annealed
+    # to 0 over the rounds); None: the sampling temperature
+    maskgit_choice_temperature: float | None = None
     w_rec: float = 1.0
     w_rec_boot: float = 1.0
     w_boot: float = 1.0
