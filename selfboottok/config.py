@@ -55,6 +55,8 @@ class TrainConfig:
     # a stage-2 job that trains only the generators tokenizes the dataset once and trains on the
     # ids (exact: the tokenizer is frozen and the datasets have no random augmentation)
     cache_tokens: bool = True
+    # the stage-2 decoder job also trains the pixel decoder on the true local tokens
+    stage2_full_path: bool = True
     grad_clip: float = 1.0
     grad_accum: int = 1
     ema_decay: float = 0.999

@@ -61,10 +61,12 @@ def _adversarial(model, images, recs, adversary):
 
 def stage2_losses(model, images, labels, parts=PARTS, adversary=None) -> dict:
     """With the encoder and quantizer frozen: generator cross-entropy on the frozen ids (every
-    generator in the config) and the decoder side: in SelfBootTok mode the bootstrap decoder and
-    pixel decoder on the bootstrap path, in baseline mode the pixel decoder on the frozen codes.
-    `parts` selects either side for separate jobs; `adversary`, as in :func:`stage1_losses`,
-    for the decoder side."""
+    generator in the config) and the decoder side: the bootstrap decoder and the pixel decoder on
+    the bootstrap path (SelfBootTok mode) and the pixel decoder on the full path (with the true
+    local tokens; `train.stage2_full_path`, so that reconstruction keeps working while the
+    decoder adapts to bootstrapped tokens; always in baseline mode, its only path). `parts`
+    selects either side for separate jobs; `adversary`, as in :func:`stage1_losses`, for the
+    decoder side."""
     c = model.config
     images = model._check_images(images, values=False)
     labels = model._check_labels(labels, values=False)
@@ -74,21 +76,23 @@ def stage2_losses(model, images, labels, parts=PARTS, adversary=None) -> dict:
     if "generator" in parts:
         out = generator_losses(model, enc.ids, labels)
         total = out.pop("loss")
-    if "bootstrap" in parts and model.global_mode:
-        b1, b2 = model.bootstrap(enc.codes)
-        rec_boot = model.tokenizer.decoder(enc.codes, b1, b2)
-        out["rec_boot"] = reconstruction_loss(rec_boot, images, c.loss)
-        out["boot"] = _boot_loss(b1, b2, enc.local_1d, enc.local_2d)
-        total = total + c.w_rec_boot * out["rec_boot"] + c.w_boot * out["boot"]
-        decoded = (rec_boot, c.w_rec_boot * out["rec_boot"])
-    elif "bootstrap" in parts:  # baseline: the same job fine-tunes its pixel decoder
-        rec = model.tokenizer.decoder(enc.codes)
-        out["rec"] = reconstruction_loss(rec, images, c.loss)
-        total = total + c.w_rec * out["rec"]
-        decoded = (rec, c.w_rec * out["rec"])
-    if "bootstrap" in parts and adversary is not None:
-        out["gan"] = _adversarial(model, images, [decoded], adversary)
-        total = total + out["gan"]
+    if "bootstrap" in parts:
+        decoded = []
+        if c.train.stage2_full_path or not model.global_mode:  # the baseline has only this path
+            rec = model.tokenizer.decoder(enc.codes, enc.local_1d, enc.local_2d)
+            out["rec"] = reconstruction_loss(rec, images, c.loss)
+            total = total + c.w_rec * out["rec"]
+            decoded.append((rec, c.w_rec * out["rec"]))
+        if model.global_mode:
+            b1, b2 = model.bootstrap(enc.codes)
+            rec_boot = model.tokenizer.decoder(enc.codes, b1, b2)
+            out["rec_boot"] = reconstruction_loss(rec_boot, images, c.loss)
+            out["boot"] = _boot_loss(b1, b2, enc.local_1d, enc.local_2d)
+            total = total + c.w_rec_boot * out["rec_boot"] + c.w_boot * out["boot"]
+            decoded.append((rec_boot, c.w_rec_boot * out["rec_boot"]))
+        if adversary is not None:
+            out["gan"] = _adversarial(model, images, decoded, adversary)
+            total = total + out["gan"]
     out["loss"] = total if isinstance(total, torch.Tensor) else images.new_zeros(())
     return out
 
