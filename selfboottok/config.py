@@ -86,6 +86,7 @@ class SelfBootTokConfig:
     dead_code_steps: int = 10  # training forwards without a hit before a code is restarted
     local_dim: int = 16  # c_l
     local_2d_dim: int = 4  # c_2, per patch
+    local_norm: str = "layer"  # fixed scale of the local tokens: "layer" | "rms" | "none"
     alignment: str = "ot"  # "ot" | "avgpool" | "softmax"
     # "pooled": each quantized query starts from one region's mean patch embedding (content, no
     # positions), and the decoders' grid cells from their region's code. On the tiny preset,
@@ -178,6 +179,8 @@ class SelfBootTokConfig:
         need(self.quantizer in ("vq", "fsq"), f"quantizer must be 'vq' or 'fsq', got {self.quantizer!r}")
         need(self.alignment in ("ot", "avgpool", "softmax"),
              f"alignment must be 'ot', 'avgpool' or 'softmax', got {self.alignment!r}")
+        need(self.local_norm in ("layer", "rms", "none"),
+             f"local_norm must be 'layer', 'rms' or 'none', got {self.local_norm!r}")
         need(self.decoder_head in ("linear", "conv"),
              f"decoder_head must be 'linear' or 'conv', got {self.decoder_head!r}")
         need(not self.head_local_2d or self.decoder_head == "conv",

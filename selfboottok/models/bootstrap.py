@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .layers import LearnedQueries, Transformer, init_weights, region_index, sincos_2d
+from .layers import LearnedQueries, Transformer, init_weights, local_norm, region_index, sincos_2d
 
 __all__ = ["BootstrapDecoder"]
 
@@ -18,7 +17,7 @@ class BootstrapDecoder(nn.Module):
     def __init__(self, config):
         super().__init__()
         vit = config.bootstrap
-        self.num_local = config.num_local
+        self.num_local, self.norm = config.num_local, config.local_norm
         self.code_in = nn.Linear(config.code_dim, vit.width)
         self.code_pos = nn.Parameter(torch.zeros(config.num_global, vit.width))
         self.queries_1d = LearnedQueries(config.num_local, vit.width)
@@ -45,4 +44,4 @@ class BootstrapDecoder(nn.Module):
         local_1d = self.out_1d(h[:, : self.num_local])
         local_2d = self.out_2d(h[:, self.num_local :])
         # the same fixed scale as the encoder's local tokens
-        return F.layer_norm(local_1d, local_1d.shape[-1:]), F.layer_norm(local_2d, local_2d.shape[-1:])
+        return local_norm(local_1d, self.norm), local_norm(local_2d, self.norm)

@@ -9,7 +9,7 @@ from torch import nn
 
 from selfboottok.ops import MultiheadAttention
 
-__all__ = ["MultiheadAttention", "Block", "ResBlock", "ConvHead", "Transformer", "KVCache", "PatchEmbed", "LearnedQueries",
+__all__ = ["MultiheadAttention", "Block", "ResBlock", "ConvHead", "local_norm", "Transformer", "KVCache", "PatchEmbed", "LearnedQueries",
            "sincos_2d", "unpatchify", "init_weights"]
 
 
@@ -209,6 +209,17 @@ def region_index(grid, n):
         r, c = i // grid, i % grid
         return (r * s // grid) * s + c * s // grid
     return i * n // (grid * grid)
+
+
+def local_norm(x, kind: str):
+    """The fixed scale of local tokens (encoder outputs and the bootstrap decoder's predictions
+    alike): "layer" (zero mean, unit variance per token), "rms" (unit root-mean-square per
+    token, the mean kept) or "none"."""
+    if kind == "layer":
+        return F.layer_norm(x, x.shape[-1:])
+    if kind == "rms":
+        return x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(x.dtype)
+    return x
 
 
 def init_weights(module):

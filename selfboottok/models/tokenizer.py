@@ -6,12 +6,11 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .alignment import Alignment
-from .layers import (ConvHead, LearnedQueries, PatchEmbed, Transformer, init_weights, region_index,
-                     region_pool, sincos_2d, unpatchify)
+from .layers import (ConvHead, LearnedQueries, PatchEmbed, Transformer, init_weights, local_norm,
+                     region_index, region_pool, sincos_2d, unpatchify)
 from .quantizer import build_quantizer
 
 __all__ = ["Encoded", "Encoder", "PixelDecoder", "Tokenizer"]
@@ -140,9 +139,9 @@ class Tokenizer(nn.Module):
             return Encoded(q.codes, q.ids, None, None, q.loss, zero, q.perplexity, q.usage, None)
         aligned = self.alignment(self.to_feat(feats), self.to_slot(queries[:, K_g:]))
         # fixed-scale local tokens, so the bootstrap loss cannot shrink by rescaling them
-        local_1d = F.layer_norm(aligned.tokens, aligned.tokens.shape[-1:])
+        local_1d = local_norm(aligned.tokens, self.config.local_norm)
         local_2d = self.to_2d(feats)
-        local_2d = F.layer_norm(local_2d, local_2d.shape[-1:])
+        local_2d = local_norm(local_2d, self.config.local_norm)
         return Encoded(q.codes, q.ids, local_1d, local_2d, q.loss, aligned.loss, q.perplexity,
                        q.usage, aligned.slot_mass)
 
