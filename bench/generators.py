@@ -81,6 +81,37 @@ def _real(n=N_TEST):
     return images, labels
 
 
+def _test_ids(model, work, testbed):
+    """(ids, labels) of the real test images under the testbed's tokenizer, computed once."""
+    path = Path(work) / "ids" / f"test_{Path(testbed).resolve().name}.pt"
+    if not path.is_file():
+        images, labels = _real()
+        with torch.no_grad():
+            ids = torch.cat([model.tokenize(x).ids for x in images.split(250)])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"ids": ids, "labels": labels}, path)
+    saved = torch.load(path)
+    return saved["ids"], saved["labels"]
+
+
+@torch.no_grad()
+def class_information(model, ids, labels, repeats=4):
+    """Per generator: the test loss (nats per token) with the true labels, and how much larger
+    it is with wrong ones (label + 1), the same masks for both: what the class is worth."""
+    out = {}
+    wrong = (labels + 1) % model.config.num_classes
+    for kind, gen in model.generators.items():
+        true_nll, wrong_nll = 0.0, 0.0
+        for r in range(repeats):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(r)
+                true_nll += gen.loss(ids, labels).item() / repeats
+                torch.manual_seed(r)
+                wrong_nll += gen.loss(ids, wrong).item() / repeats
+        out[kind] = {"test_nll": true_nll, "class_nats": wrong_nll - true_nll}
+    return out
+
+
 def ceiling(args):
     """Class accuracy of the testbed's reconstructions from the generators' ids alone."""
     model = SelfBootTok.from_pretrained(args.testbed).eval()
@@ -138,6 +169,7 @@ def run(args):
     if result_path.is_file() and not args.force and not args.resample:
         print(f"{tag}: done already")
         return
+    args.generators = args.generators or ["maskgit", "ar"]
     ids = _ids_folder(testbed, work)
     over = {**JOB, "generators": list(args.generators), "seed": args.seed, **_settings(args.set)}
     config = SelfBootTok.from_pretrained(testbed).config.with_overrides(**over)
@@ -152,37 +184,48 @@ def run(args):
     ev = domain_evaluator("synthetic", 32, progress=False)
     real_feats = ev.features(_real()[0])
     print(f"{tag}: trained in {train_s} s", flush=True)
+    info = class_information(model, *_test_ids(model, work, testbed))
+    print(f"  test nll / class nats per token: {info}", flush=True)
     rows = evaluate(model, _sampling(args.sample), args.n, ev, real_feats, args.generators)
     last = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()][-1]
     if args.resample and result_path.is_file():  # keep the rows of other sampling settings
         seen = {(r["generator"], json.dumps(r["sampling"], sort_keys=True)) for r in rows}
-        rows = [r for r in json.loads(result_path.read_text())["rows"]
+        before = json.loads(result_path.read_text())
+        rows = [r for r in before["rows"]
                 if (r["generator"], json.dumps(r["sampling"], sort_keys=True)) not in seen] + rows
+        info = {**before.get("class_information", {}), **info}
     result = {"name": args.name, "testbed": testbed.name, "steps": args.steps, "seed": args.seed,
-              "overrides": _settings(args.set), "train_seconds": train_s, "final_losses": last,
+              "overrides": _settings(args.set), "train_seconds": train_s, "final_losses": last, "class_information": info,
               "n": args.n, "rows": rows}
     out.mkdir(parents=True, exist_ok=True)
     result_path.write_text(json.dumps(result, indent=1))
 
 
+def _fmt_sampling(setting):
+    return ", ".join(f"{k} {v}" for k, v in setting.items())
+
+
 def table(args):
+    """Mean ± half the range over seeds, per (name, testbed, steps, generator, sampling)."""
     groups = {}
     for path in sorted(Path(args.out).glob("*.json")):
         r = json.loads(path.read_text())
-        if "rows" not in r:
+        if "rows" not in r or (args.names and r["name"] not in args.names):
             continue
         for row in r["rows"]:
-            key = (r["name"], r["testbed"], r["steps"], row["generator"], json.dumps(row["sampling"], sort_keys=True))
-            groups.setdefault(key, []).append((r["seed"], row["class_acc"], row["domain_fd"], r["train_seconds"]))
-    print("| name | testbed | steps | gen | sampling | seeds | class acc | domain FD | train s |")
+            if args.generators and row["generator"] not in args.generators:
+                continue
+            info = r.get("class_information", {}).get(row["generator"], {})
+            key = (r["name"], r["testbed"], r["steps"], row["generator"], _fmt_sampling(row["sampling"]))
+            groups.setdefault(key, []).append((r["seed"], row["class_acc"], row["domain_fd"],
+                                               info.get("class_nats", float("nan"))))
+    print("| run | testbed | steps | generator | sampling | seeds | class acc | domain FD | class nats/token |")
     print("|---|---|---|---|---|---|---|---|---|")
     for key, vals in sorted(groups.items()):
-        acc = np.array([v[1] for v in vals])
-        fd = np.array([v[2] for v in vals])
-        ts = [v[3] for v in vals if v[3] is not None]
-        spread = (acc.max() - acc.min()) / 2
-        print(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {key[4]} | {len(vals)} | "
-              f"{acc.mean():.3f} ± {spread:.3f} | {fd.mean():.1f} | {np.mean(ts) if ts else float('nan'):.0f} |")
+        acc, fd, nats = (np.array([v[i] for v in vals]) for i in (1, 2, 3))
+        seeds = ",".join(str(v[0]) for v in sorted(vals))
+        print(f"| {' | '.join(map(str, key))} | {seeds} | {acc.mean():.3f} ± {np.ptp(acc) / 2:.3f} | "
+              f"{fd.mean():.1f} ± {np.ptp(fd) / 2:.1f} | {nats.mean():.3f} |")
 
 
 def main():
@@ -194,7 +237,8 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", help="config override key=value (repeatable)")
     p.add_argument("--sample", action="append", help="sampling setting k=v,k=v (repeatable)")
-    p.add_argument("--generators", nargs="+", default=["maskgit", "ar"])
+    p.add_argument("--generators", nargs="+", default=None, help="default: both (table: all)")
+    p.add_argument("--names", nargs="+", help="table: only these runs")
     p.add_argument("--n", type=int, default=500)
     p.add_argument("--work", default="runs/gen/work")
     p.add_argument("--out", default="runs/gen/results")

@@ -26,7 +26,7 @@ class LossConfig:
     sum is then weighted by `w_rec` or `w_rec_boot`), and the optional discriminator."""
 
     l2: float = 1.0  # mean squared error
-    l1: float = 0.0  # mean absolute error
+    l1: float = 1.0  # mean absolute error
     ssim: float = 0.0  # 1 - SSIM (11x11 Gaussian window)
     ffl: float = 0.0  # focal frequency loss: spectrum errors weighted by their own size
     ffl_alpha: float = 1.0
@@ -85,7 +85,7 @@ class SelfBootTokConfig:
     commitment: float = 0.25
     dead_code_steps: int = 10  # training forwards without a hit before a code is restarted
     local_dim: int = 16  # c_l
-    local_2d_dim: int = 4  # c_2, per patch
+    local_2d_dim: int = 8  # c_2, per patch
     local_norm: str = "layer"  # fixed scale of the local tokens: "layer" | "rms" | "none"
     alignment: str = "ot"  # "ot" | "avgpool" | "softmax"
     # "pooled": each quantized query starts from one region's mean patch embedding (content, no
@@ -119,7 +119,7 @@ class SelfBootTokConfig:
     # the pixel decoder's output head: "linear" maps each token to its patch's pixels; "conv"
     # maps it to `head_channels` features per pixel, lays them out (depth-to-space) and refines
     # them with `head_blocks` residual 3x3 conv blocks, so neighbouring patches are drawn together
-    decoder_head: str = "linear"
+    decoder_head: str = "conv"
     head_channels: int = 32
     head_blocks: int = 1
     head_local_2d: bool = False  # conv head: the 2D local tokens also feed its feature map directly

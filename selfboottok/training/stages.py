@@ -185,7 +185,8 @@ def merge_stage2(generator_dir, bootstrap_dir, out_dir) -> SelfBootTok:
 
 def _same_tokenizer(a: SelfBootTokConfig, b: SelfBootTokConfig):
     keep = ("train", "loss", "generator", "generators", "class_dropout", "seed", "bootstrap",
-            "w_rec", "w_rec_boot", "w_boot", "w_quant", "w_align", "ema_teacher")
+            "w_rec", "w_rec_boot", "w_boot", "w_quant", "w_align", "ema_teacher",
+            "generator_cond", "maskgit_min_mask", "guidance_schedule", "maskgit_choice_temperature")
     da = {k: v for k, v in a.to_dict().items() if k not in keep}
     db = {k: v for k, v in b.to_dict().items() if k not in keep}
     diff = sorted(k for k in da if da[k] != db.get(k))
