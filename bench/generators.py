@@ -29,7 +29,7 @@ from selfboottok.data import build_dataset
 from selfboottok.data.ids import write_ids
 from selfboottok.eval.domain import domain_evaluator
 from selfboottok.eval.fid import fid_from_features
-from selfboottok.eval.generation import balanced_labels, class_accuracy
+from selfboottok.eval.generation import balanced_labels, class_accuracy, class_information
 from selfboottok.training import train_stage2
 
 # the demo's generator job: batch 32, 20 warm-up steps, lr 2e-3
@@ -92,24 +92,6 @@ def _test_ids(model, work, testbed):
         torch.save({"ids": ids, "labels": labels}, path)
     saved = torch.load(path)
     return saved["ids"], saved["labels"]
-
-
-@torch.no_grad()
-def class_information(model, ids, labels, repeats=4):
-    """Per generator: the test loss (nats per token) with the true labels, and how much larger
-    it is with wrong ones (label + 1), the same masks for both: what the class is worth."""
-    out = {}
-    wrong = (labels + 1) % model.config.num_classes
-    for kind, gen in model.generators.items():
-        true_nll, wrong_nll = 0.0, 0.0
-        for r in range(repeats):
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(r)
-                true_nll += gen.loss(ids, labels).item() / repeats
-                torch.manual_seed(r)
-                wrong_nll += gen.loss(ids, wrong).item() / repeats
-        out[kind] = {"test_nll": true_nll, "class_nats": wrong_nll - true_nll}
-    return out
 
 
 def ceiling(args):

@@ -48,9 +48,8 @@ class TrainConfig:
     stage1_steps: int = 1000
     stage2_steps: int = 1000
     # (choice) the first fraction of stage 1 trains only the global path (reconstruction from
-    # the global tokens with bootstrapped local ones); the full path joins after it. On the tiny
-    # preset this gave the global-only path colour and layout within 300 steps, against colour
-    # blobs or grey after 600 without it
+    # the global tokens with bootstrapped local ones); the full path joins after it, so the
+    # decoder cannot lean on the continuous local tokens from the start (docs/design.md, 5.2)
     global_warmup: float = 0.5
     # a stage-2 job that trains only the generators tokenizes the dataset once and trains on the
     # ids (exact: the tokenizer is frozen and the datasets have no random augmentation)
@@ -89,8 +88,8 @@ class SelfBootTokConfig:
     local_norm: str = "layer"  # fixed scale of the local tokens: "layer" | "rms" | "none"
     alignment: str = "ot"  # "ot" | "avgpool" | "softmax"
     # "pooled": each quantized query starts from one region's mean patch embedding (content, no
-    # positions), and the decoders' grid cells from their region's code. On the tiny preset,
-    # learned queries held only colours after 1600 steps; pooled ones hold layout within 600
+    # positions), and the decoders' grid cells from their region's code; learned queries were
+    # slower to hold the layout (docs/results/tokenizer-quality.md)
     query_init: str = "pooled"
     ot_eps: float = 0.05
     ot_iters: int = 50
@@ -101,8 +100,9 @@ class SelfBootTokConfig:
     class_dropout: float = 0.1  # for classifier-free guidance
     # generators (models/generator.py; checked when they are built). How the class conditions
     # the transformer besides the prepended class token: "token" (nothing more), "add" (a class
-    # embedding added to every token's input) or "adaln" (adaLN-zero modulation of every block)
-    generator_cond: str = "token"
+    # embedding added to every token's input) or "adaln" (adaLN-zero modulation of every block;
+    # the default: the class is worth most to both generators with it, docs/results/generators.md)
+    generator_cond: str = "adaln"
     maskgit_min_mask: float = 0.0  # MaskGIT training masks at least this fraction of the tokens
     # sampling defaults, each also a keyword argument of the generators' `generate`:
     # "constant" guidance, or "linear": rising with the fraction of tokens fixed so far

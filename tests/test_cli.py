@@ -43,7 +43,10 @@ def test_demo_writes_every_output_then_reconstruct_and_generate(tmp_path):
                  "stage2/model/model.safetensors"):
         assert (out / name).is_file(), name
     m = json.loads((out / "metrics.json").read_text())
-    assert m["psnr_full"] > 0 and m["psnr_bootstrap_only"] > 0
+    assert all(m["paths"][p]["psnr"] > 0 for p in ("full", "global"))
+    for kind in ("maskgit", "ar"):
+        per_class = m["generated"][kind]["class_acc_per_class"]
+        assert len(per_class) == 10 and 0 <= m["generated"][kind]["class_acc"] <= 1
     assert set(m["class_nats_per_token"]) == {"maskgit", "ar"} and set(m["steps"]) == {"stage1", "generator", "bootstrap"}
     model = out / "stage2" / "model"
     res = run("generate", "--model", str(model), "--classes", "1", "3", "--n", "2", "--steps", "2",

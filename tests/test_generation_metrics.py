@@ -14,7 +14,7 @@ from selfboottok import SelfBootTok, SelfBootTokConfig
 from selfboottok.data import build_dataset
 from selfboottok.eval.domain import domain_evaluator, train_domain_evaluator
 from selfboottok.eval.evaluate import evaluate_model, real_features
-from selfboottok.eval.generation import (balanced_labels, class_accuracy, generation_metrics,
+from selfboottok.eval.generation import (balanced_labels, class_accuracy, class_information, generation_metrics,
                                          guidance_sweep, precision_recall, sample_batches,
                                          sample_features)
 
@@ -125,6 +125,32 @@ def test_class_accuracy_of_a_perfect_and_a_constant_generator(colour_evaluator):
     # batches of 16, seeded seed + b, labels balanced
     assert [seed for _, seed in gen.calls] == [7, 8, 9]
     assert sum((labels for labels, _ in gen.calls), []) == balanced_labels(40, C).tolist()
+
+
+class _LabelLoss(torch.nn.Module):
+    """A 'generator' whose loss is `base` plus `cost` times the share of rows whose label is not
+    the true one, with a random term that only the same seed repeats."""
+
+    def __init__(self, truth, cost):
+        super().__init__()
+        self.truth, self.cost = truth, cost
+
+    def loss(self, ids, labels):
+        return 2.0 + torch.rand(()) + self.cost * (labels != self.truth).double().mean()
+
+
+def test_class_information_of_a_generator_that_uses_and_one_that_ignores_the_class():
+    labels = torch.tensor([0, 1, 2, 2])
+    ids = torch.zeros(4, 5, dtype=torch.long)
+    model = SimpleNamespace(config=SimpleNamespace(num_classes=3),
+                            generators=torch.nn.ModuleDict({"uses": _LabelLoss(labels, 0.7),
+                                                            "ignores": _LabelLoss(labels, 0.0)}))
+    info = class_information(model, ids, labels, repeats=3)
+    assert info["uses"]["class_nats"] == pytest.approx(0.7)  # every wrong label costs 0.7
+    assert info["ignores"]["class_nats"] == pytest.approx(0.0, abs=1e-12)  # same masks both ways
+    assert 2.0 <= info["uses"]["test_nll"] <= 3.0
+    with pytest.raises(ValueError, match="one label per row"):
+        class_information(model, ids, labels[:3])
 
 
 def test_sample_batches_checks_its_settings():

@@ -22,6 +22,7 @@ from selfboottok.progress import Progress
 from .fid import fid_from_features
 
 __all__ = ["balanced_labels", "check_sampling", "eval_mode", "sample_batches", "sample_features", "class_accuracy",
+           "class_information",
            "precision_recall", "generation_metrics", "guidance_sweep", "plot_guidance_sweep",
            "GENERATION_KEYS"]
 
@@ -123,6 +124,31 @@ def class_accuracy(predicted, labels, num_classes: int) -> dict:
     per_class = [float(hit[labels == c].mean()) if (labels == c).any() else None
                  for c in range(int(num_classes))]
     return {"class_acc": float(hit.mean()), "class_acc_per_class": per_class}
+
+
+@torch.no_grad()
+def class_information(model, ids, labels, repeats: int = 4) -> dict:
+    """Per generator of `model`: ``test_nll``, its training loss (nats per token) on token ids
+    [N, K] of real images with their labels, and ``class_nats``, how much larger that loss is
+    with a wrong label (label + 1) under the same masks: what the class is worth to it, 0 when
+    it ignores the class. Averaged over `repeats` mask draws."""
+    labels = torch.as_tensor(labels).long().reshape(-1)
+    if ids.dim() != 2 or len(ids) != len(labels):
+        raise ValueError(f"ids must be [N, K] with one label per row, got {tuple(ids.shape)} and "
+                         f"{len(labels)} labels")
+    wrong = (labels + 1) % model.config.num_classes
+    out = {}
+    with eval_mode(model):
+        for kind, gen in model.generators.items():
+            right_nll, wrong_nll = 0.0, 0.0
+            for r in range(int(repeats)):
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(r)
+                    right_nll += gen.loss(ids, labels).item() / repeats
+                    torch.manual_seed(r)
+                    wrong_nll += gen.loss(ids, wrong).item() / repeats
+            out[kind] = {"test_nll": right_nll, "class_nats": wrong_nll - right_nll}
+    return out
 
 
 def _as_f64(x, name) -> torch.Tensor:
