@@ -147,6 +147,7 @@ def cmd_train(args):
     from selfboottok.training import CheckpointError, train_stage1, train_stage2
     from selfboottok.training.losses import PARTS
 
+    device = _device(args.device)
     if args.stage == "stage1":
         if args.init or args.ids or args.parts:
             raise CliError("--init, --ids and --parts are for train stage2")
@@ -169,10 +170,11 @@ def cmd_train(args):
         dataset = None if args.ids else _dataset(args, config)
     try:
         if args.stage == "stage1":
-            train_stage1(config, args.out, dataset=dataset, max_steps=args.max_steps, resume=args.resume)
+            train_stage1(config, args.out, dataset=dataset, max_steps=args.max_steps, resume=args.resume,
+                         device=device)
         else:
             train_stage2(config, args.init, args.out, parts=parts, dataset=dataset, ids=args.ids,
-                         max_steps=args.max_steps, resume=args.resume)
+                         max_steps=args.max_steps, resume=args.resume, device=device)
     except CheckpointError as exc:
         raise CliError(f"--resume: {exc}") from exc
     print(f"model written to {Path(args.out) / 'model'}")
@@ -370,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
     t.add_argument("--max-steps", type=int, help="stop after this step (the LR schedule is kept)")
     t.add_argument("--out", required=True)
+    device_option(t)
     t.set_defaults(fn=cmd_train)
 
     k = command("tokenize", help="the generators' ids of a whole dataset, for train stage2 --ids")

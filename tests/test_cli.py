@@ -179,6 +179,15 @@ def test_cuda_request_without_a_gpu(capsys, tmp_path, model_dir, cmd):
           expect="--device cuda: torch sees no CUDA GPU")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_train_cuda_request_without_a_gpu(capsys, tmp_path, model_dir, stage):
+    init = ["--init", model_dir] if stage == "stage2" else ["--preset", "tiny"]
+    fails(capsys, "train", stage, *init, "--device", "cuda", "--out", tmp_path,
+          expect="--device cuda: torch sees no CUDA GPU")
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def test_bad_device_name(capsys, tmp_path, model_dir):
     fails(capsys, "generate", "--model", model_dir, "--device", "tpu", "--out", tmp_path,
           expect="expected auto, cpu, cuda or cuda:N")

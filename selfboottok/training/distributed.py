@@ -8,16 +8,21 @@ import torch
 import torch.distributed as dist
 
 
-def init() -> torch.device:
-    """Joins the process group when launched by torchrun; returns this rank's device."""
+def init(device=None) -> torch.device:
+    """Joins the process group when launched by torchrun; returns this rank's device: `device`
+    (cpu, cuda or cuda:N; under torchrun a CUDA run takes the GPU of its LOCAL_RANK), or by
+    default a GPU when one is visible."""
+    want = torch.device(device) if device is not None else None
+    use_cuda = torch.cuda.is_available() if want is None else want.type == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device}: torch sees no CUDA GPU")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if torch.cuda.is_available():
+        if use_cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend)
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    elif use_cuda and want is not None and want.index is not None:
+        torch.cuda.set_device(want)
+    return torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
 
 
 def active() -> bool:

@@ -67,9 +67,10 @@ def update_teacher(model):
 
 
 def train_stage1(config: SelfBootTokConfig, out_dir, *, dataset=None, max_steps=None,
-                 resume=False, total_steps=None) -> SelfBootTok:
-    """Trains the tokenizer; writes `out_dir/model` (EMA weights) for stage 2."""
-    device = dist.init()
+                 resume=False, total_steps=None, device=None) -> SelfBootTok:
+    """Trains the tokenizer; writes `out_dir/model` (EMA weights) for stage 2. `device`: cpu,
+    cuda or cuda:N (default: a GPU when one is visible)."""
+    device = dist.init(device)
     dataset = _dataset(config, dataset)
     model = SelfBootTok(config)
     shown = _fixed_images(dataset).to(device)
@@ -101,19 +102,20 @@ def train_stage1(config: SelfBootTokConfig, out_dir, *, dataset=None, max_steps=
 
 
 def train_stage2(config: Optional[SelfBootTokConfig], init, out_dir, *, parts=PARTS,
-                 dataset=None, ids=None, max_steps=None, resume=False, total_steps=None) -> SelfBootTok:
+                 dataset=None, ids=None, max_steps=None, resume=False, total_steps=None,
+                 device=None) -> SelfBootTok:
     """Freezes the encoder and quantizer of the stage-1 model in `init` and trains `parts`:
     the generators on the frozen ids and/or the bootstrap + pixel decoder, from one data pass.
     Two jobs (``parts=("generator",)`` and ``("bootstrap",)``) can run side by side; join
     their outputs with :func:`merge_stage2`. `ids`, instead of `dataset`: a folder written by
     `selfboottok tokenize` (`selfboottok.data.ids.write_ids`) with this tokenizer's ids, for
-    the generator job."""
+    the generator job. `device` as in :func:`train_stage1`."""
     parts = tuple(parts)
     if not parts or any(p not in PARTS for p in parts):
         raise ValueError(f"parts must be a non-empty subset of {PARTS}, got {parts}")
     if ids is not None and (parts != ("generator",) or dataset is not None):
         raise ValueError("ids train the generators only: pass parts=('generator',) and no dataset")
-    device = dist.init()
+    device = dist.init(device)
     base = SelfBootTok.from_pretrained(init)
     config = base.config if config is None else config
     _same_tokenizer(base.config, config)
