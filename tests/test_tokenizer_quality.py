@@ -149,18 +149,20 @@ def test_mlp_probe_reads_a_nonlinear_factor_a_linear_one_cannot():
 
 
 def test_tokenizer_overfits_a_fixed_batch(one_thread):
-    """A change that stops the tokenizer from learning fails here: 8 real images, 120 steps of
-    the default tiny tokenizer (both paths trained) must reconstruct them above 17 dB."""
+    """A change that stops the tokenizer from learning fails here: 8 real images, 60 steps of
+    the default tiny tokenizer (both paths trained) at lr 1e-3 must reconstruct them above 18 dB
+    on the full path, above the 17.6 dB of a flat image in each one's mean colour. Seeds 0-2
+    reached 18.7-18.8 dB; runs that stalled (at lr 2e-3) sat at 16.7 dB."""
     torch.manual_seed(0)
     cfg = SelfBootTokConfig.preset("tiny")
     m = SelfBootTok(cfg).train()
     x = build_dataset("synthetic", 32, n=8).tensors()[0].clone()
-    opt = torch.optim.AdamW(stage1_parameters(m), lr=2e-3)
-    for _ in range(120):
+    opt = torch.optim.AdamW(stage1_parameters(m), lr=1e-3)
+    for _ in range(60):
         loss = stage1_losses(m, x)["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()
     m.eval()
     full = psnr(m.reconstruct(x), x).mean().item()
-    assert full > 17.0, full
+    assert full > 18.0, full
