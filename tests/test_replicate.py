@@ -120,7 +120,8 @@ def test_smoke_replication_writes_every_table(tmp_path):
                 assert any(NUMBER.search(c) for c in row[1:]), f"{name}: row without numbers: {row}"
     verdicts = [row[-1] for row in _tables(sections["## Verdict"])[0]]
     assert verdicts and all(v.startswith(VERDICTS) for v in verdicts), verdicts
-    for cell in ("gFID", "rFID global-only", "slot entropy", "from global tokens", "from local tokens"):
+    for cell in ("class acc. (samples)", "domain FD", "gFID", "rFID global-only", "slot entropy",
+                 "from global tokens", "from local tokens"):
         assert cell in md
 
     data = json.loads((out / "replication.json").read_text())
@@ -130,7 +131,8 @@ def test_smoke_replication_writes_every_table(tmp_path):
         for mode in ("global", "all"):
             assert set(data["quality"][name][mode]) == seeds
             for run in data["quality"][name][mode].values():
-                assert np.isfinite([run["psnr"], run["rfid"], run["gfid"]]).all()
+                assert np.isfinite([run["psnr"], run["rfid"], run["gfid"], run["domain_fd"]]).all()
+                assert 0 <= run["class_acc"] <= 1
     assert all(set(runs) == seeds for runs in data["alignment"].values())
     assert len(data["scaling"]) >= 2 and all(set(s["by_seed"]) == seeds for s in data["scaling"].values())
     assert set(data["decomposition"]) == seeds
