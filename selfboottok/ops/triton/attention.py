@@ -49,10 +49,26 @@ def _i64(x):
 
 
 @triton.jit
+def _program_tile(n_tiles):
+    """(tile, batch*head) of this program: programs enumerate the tiles fastest."""
+    pid = tl.program_id(0)
+    return pid % n_tiles, (pid // n_tiles).to(tl.int64)
+
+
+@triton.jit
 def _key_ok(Mask_row, koff, n, Lc, HAS_MASK: tl.constexpr):
     ok = n < Lc
     if HAS_MASK:
         ok = ok & (tl.load(Mask_row + koff + n, mask=ok, other=0) != 0)
+    return ok
+
+
+@triton.jit
+def _allowed(Mask_row, koff, n, Lc, offs_m, Lq, Lk, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr):
+    """[BLOCK_M, BLOCK_N]: the keys n (of a chunk starting at koff) that rows offs_m may see."""
+    ok = _key_ok(Mask_row, koff, n, Lc, HAS_MASK)[None, :]
+    if CAUSAL:
+        ok = ok & ((koff + n)[None, :] <= offs_m[:, None] + (Lk - Lq))
     return ok
 
 
@@ -87,9 +103,7 @@ def _fwd_chunk(
         nmask = n < Lc
         kT = tl.load(Kb + n[None, :] * sk + offs_d[:, None], mask=nmask[None, :] & dmask[:, None], other=0.0)
         v = tl.load(Vb + n[:, None] * sv + offs_d[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
-        allowed = _key_ok(Mask_row, koff, n, Lc, HAS_MASK)[None, :]
-        if CAUSAL:
-            allowed = allowed & ((koff + n)[None, :] <= offs_m[:, None] + (Lk - Lq))
+        allowed = _allowed(Mask_row, koff, n, Lc, offs_m, Lq, Lk, HAS_MASK, CAUSAL)
         s = tl.where(allowed, _dot(q, kT, INTERPRET) * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # a row with no allowed key so far keeps m = -inf; shift it by 0 so exp2 gives 0, not NaN
@@ -116,12 +130,9 @@ def _attn_fwd(
 ):
     # one program per (query tile, batch*head), the query tile fastest so that programs running
     # together read the same keys (L2)
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(Lq, BLOCK_M)
-    start_m = (pid % num_m) * BLOCK_M
-    bh = (pid // num_m).to(tl.int64)
-    b = bh // H
-    h = bh % H
+    tile, bh = _program_tile(tl.cdiv(Lq, BLOCK_M))
+    start_m = tile * BLOCK_M
+    b, h = bh // H, bh % H
     if ROW64:  # some row offset passes 2**31 elements
         sqm = _i64(sqm)
         sk0n, sk1n, sk2n, sk3n = _i64(sk0n), _i64(sk1n), _i64(sk2n), _i64(sk3n)
@@ -225,11 +236,8 @@ def _attn_bwd_kv(
     T2 = T1 + tl.cdiv(L1, BLOCK_N)
     T3 = T2 + tl.cdiv(L2, BLOCK_N)
     T4 = T3 + tl.cdiv(L3, BLOCK_N)
-    pid = tl.program_id(0)
-    t = pid % T4
-    bh = (pid // T4).to(tl.int64)
-    b = bh // H
-    h = bh % H
+    t, bh = _program_tile(T4)
+    b, h = bh // H, bh % H
     if ROW64:  # some row offset passes 2**31 elements
         sqm, sdom = _i64(sqm), _i64(sdom)
         sk0n, sk1n, sk2n, sk3n = _i64(sk0n), _i64(sk1n), _i64(sk2n), _i64(sk3n)
@@ -283,9 +291,7 @@ def _bwd_q_chunk(
         nmask = n < Lc
         k = tl.load(Kb + n[:, None] * sk + offs_d[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
         vT = tl.load(Vb + n[None, :] * sv + offs_d[:, None], mask=nmask[None, :] & dmask[:, None], other=0.0)
-        allowed = _key_ok(Mask_row, koff, n, Lc, HAS_MASK)[None, :] & row_ok[:, None]
-        if CAUSAL:
-            allowed = allowed & ((koff + n)[None, :] <= offs_m[:, None] + (Lk - Lq))
+        allowed = _allowed(Mask_row, koff, n, Lc, offs_m, Lq, Lk, HAS_MASK, CAUSAL) & row_ok[:, None]
         p = _probs(_dot(q, tl.trans(k), INTERPRET), lse2[:, None], allowed, qk_scale)
         dp = _dot(do, vT, INTERPRET)
         ds = p * (dp - delta[:, None])
@@ -306,12 +312,9 @@ def _attn_bwd_q(
     ROW64: tl.constexpr,
 ):
     # dQ of one query tile, looping over every chunk's key tiles
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(Lq, BLOCK_M)
-    start_m = (pid % num_m) * BLOCK_M
-    bh = (pid // num_m).to(tl.int64)
-    b = bh // H
-    h = bh % H
+    tile, bh = _program_tile(tl.cdiv(Lq, BLOCK_M))
+    start_m = tile * BLOCK_M
+    b, h = bh // H, bh % H
     if ROW64:  # some row offset passes 2**31 elements
         sqm, sdom = _i64(sqm), _i64(sdom)
         sk0n, sk1n, sk2n, sk3n = _i64(sk0n), _i64(sk1n), _i64(sk2n), _i64(sk3n)
