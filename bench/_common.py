@@ -97,7 +97,7 @@ def train_cached(stage, config, out, dataset, data_name, steps, init=None, parts
     from selfboottok.training import train_stage1, train_stage2
 
     key = {"stage": stage, "config": config.to_dict(), "data": data_name, "n": len(dataset),
-           "steps": steps, "init": str(init), "parts": parts}
+           "steps": steps, "init": str(Path(init).resolve() if init is not None else None), "parts": parts}
     done = Path(out) / "done.json"
     if done.is_file() and json.loads(done.read_text()) == key:
         log(f"  reusing {out}")
