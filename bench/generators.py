@@ -29,7 +29,7 @@ from selfboottok.data import build_dataset
 from selfboottok.data.ids import write_ids
 from selfboottok.eval.domain import domain_evaluator
 from selfboottok.eval.fid import fid_from_features
-from selfboottok.eval.generation import balanced_labels, class_accuracy, class_information
+from selfboottok.eval.generation import class_accuracy, class_information, generation_metrics, sample_features
 from selfboottok.training import train_stage2
 
 # the demo's generator job: batch 32, 20 warm-up steps, lr 2e-3
@@ -111,35 +111,20 @@ def ceiling(args):
     (Path(args.out) / f"ceiling_{Path(args.testbed).name}.json").write_text(json.dumps(out, indent=1))
 
 
-@torch.no_grad()
-def _generate(model, kind, labels, seed, setting):
-    """As `SelfBootTok.generate`, with every keyword of the generator's own `generate`."""
-    rng = torch.Generator().manual_seed(seed)
-    setting = dict(setting)
-    if kind == "ar":
-        setting.pop("steps", None)
-    ids = model.generators[kind].generate(labels, generator=rng, **setting)
-    return model.decode(ids)
-
-
 def evaluate(model, sampling, n, ev, real_feats, kinds):
     rows = []
-    labels = balanced_labels(n, model.config.num_classes)
     for kind in kinds:
         for setting in sampling:
-            t0 = time.time()
-            preds, feats = [], []
-            for b, lab in enumerate(labels.split(250)):
-                imgs = _generate(model, kind, lab, 1000 + b, setting)
-                preds.append(ev.predict(imgs)["label"])
-                feats.append(ev.features(imgs))
-            acc = class_accuracy(np.concatenate(preds), labels, model.config.num_classes)
-            fd = fid_from_features(torch.cat(feats), real_feats)
-            rows.append({"generator": kind, "sampling": setting, "class_acc": acc["class_acc"],
-                         "per_class": acc["class_acc_per_class"], "domain_fd": fd,
-                         "seconds": round(time.time() - t0, 1)})
-            print(f"  {kind} {setting}: class_acc {acc['class_acc']:.3f} fd {fd:.1f} "
-                  f"per class {[round(x, 2) for x in acc['class_acc_per_class']]}", flush=True)
+            setting = {k: v for k, v in setting.items() if not (kind == "ar" and k == "steps")}
+            samples = sample_features(model, n, evaluator=ev, batch_size=250, progress=False,
+                                      generator=kind, seed=1000, **setting)
+            m = generation_metrics(samples, real_feats, model.config.num_classes,
+                                   what=("class_acc", "domain_fd"))
+            rows.append({"generator": kind, "sampling": setting, "class_acc": m["class_acc"],
+                         "per_class": m["class_acc_per_class"], "domain_fd": m["domain_fd"],
+                         "seconds": round(samples["seconds"], 1)})
+            print(f"  {kind} {setting}: class_acc {m['class_acc']:.3f} fd {m['domain_fd']:.1f} "
+                  f"per class {[round(x, 2) for x in m['class_acc_per_class']]}", flush=True)
     return rows
 
 

@@ -31,6 +31,7 @@ from _common import ROOT, elapsed, fmt, log, machine_name, mean_std, timed, trai
 
 from selfboottok import SelfBootTok, SelfBootTokConfig
 from selfboottok.data import GLOBAL_FACTORS, LOCAL_FACTORS, build_dataset
+from selfboottok.demo import GENERATOR_LR  # the generator job's learning rate, as in the demo
 from selfboottok.eval.domain import domain_evaluator
 from selfboottok.eval.evaluate import evaluate_model, real_features
 from selfboottok.eval.flops import count_flops, generator_flops
@@ -68,7 +69,6 @@ MODES = {"global": "SelfBootTok", "all": "baseline"}
 ALIGNMENTS = ("ot", "avgpool", "softmax")
 SAMPLE_STEPS, GUIDANCE = 8, 1.0  # MaskGIT sampling for gFID, throughput and FLOPs
 TRAIN_GENERATORS = ("maskgit",)  # gFID uses MaskGIT; AR is only timed (untrained) in section 1
-GENERATOR_LR = 2e-3  # the generator job's, as in the demo (docs/results/generators.md)
 
 def model_config(mode, seed, sizes, **over):
     train = {"train.batch_size": sizes["batch_size"], "train.warmup_steps": 20, "train.log_every": 10,

@@ -14,7 +14,7 @@ from selfboottok.config import SelfBootTokConfig
 from selfboottok.data import CLASS_NAMES, TEXTURE_NAMES, build_dataset
 from selfboottok.eval.domain import domain_evaluator
 from selfboottok.eval.flops import generator_flops
-from selfboottok.eval.generation import balanced_labels, class_accuracy, class_information
+from selfboottok.eval.generation import balanced_labels, class_accuracy, class_information, sample_batches
 from selfboottok.eval.metrics import psnr
 from selfboottok.eval.report import save_grid
 from selfboottok.pipeline import SelfBootTok
@@ -142,8 +142,9 @@ def _evaluate(model, test, out) -> dict:
     grids, generated = {}, {}
     for kind in model.generators:
         labels = balanced_labels(GENERATED_PER_CLASS * len(classes), len(classes))
-        samples = torch.cat([model.generate(lab, generator=kind, guidance=GUIDANCE, temperature=TEMPERATURE,
-                                            seed=b) for b, lab in enumerate(labels.split(100))])
+        samples = torch.cat([images for _, images, _ in sample_batches(
+            model, labels, generator=kind, guidance=GUIDANCE, temperature=TEMPERATURE, batch_size=100,
+            progress=False)])
         generated[kind] = class_accuracy(ev.predict(samples)["label"], labels, len(classes))
         rows = [samples[labels == c][:8] for c in classes]
         grids[kind] = f"generations_{kind}.png"

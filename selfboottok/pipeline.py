@@ -133,8 +133,10 @@ class SelfBootTok(nn.Module, ModelHubMixin, library_name="selfboottok",
 
     @torch.no_grad()
     def generate(self, class_labels, steps=8, guidance=0.0, generator="maskgit", seed=None,
-                 temperature=1.0, top_k=None, top_p=None):
-        """Images in [-1,1], one per class label: generator -> ids -> (bootstrap) -> pixels."""
+                 temperature=1.0, top_k=None, top_p=None, **options):
+        """Images in [-1,1], one per class label: generator -> ids -> (bootstrap) -> pixels.
+        `options` go to the generator's own `generate` (`guidance_schedule`; MaskGIT:
+        `choice_temperature`), overriding the config's sampling defaults."""
         if generator not in self.generators:
             raise ValueError(f"generator must be one of {list(self.generators)}, got {generator!r}")
         if int(steps) < 1:
@@ -145,9 +147,9 @@ class SelfBootTok(nn.Module, ModelHubMixin, library_name="selfboottok",
             rng = torch.Generator(labels.device).manual_seed(int(seed))
         model = self.generators[generator]
         if generator == "maskgit":
-            ids = model.generate(labels, int(steps), guidance, temperature, rng)
+            ids = model.generate(labels, int(steps), guidance, temperature, rng, **options)
         else:
-            ids = model.generate(labels, guidance, temperature, top_k, top_p, rng)
+            ids = model.generate(labels, guidance, temperature, top_k, top_p, rng, **options)
         return self.decode(ids)
 
     # files

@@ -68,6 +68,18 @@ def test_pipeline_generate_with_each_conditioning(cond):
                                          temperature=0.8, top_k=20 if kind == "ar" else None))
 
 
+def test_pipeline_generate_forwards_sampling_options():
+    m = SelfBootTok(small()).eval()
+    for kind in KINDS:
+        base = m.generate([0, 7], steps=3, guidance=3.0, generator=kind, seed=1)
+        same = m.generate([0, 7], steps=3, guidance=3.0, generator=kind, seed=1, guidance_schedule="constant")
+        assert torch.equal(base, same)
+        with pytest.raises(ValueError, match="guidance_schedule"):
+            m.generate([0, 7], steps=3, guidance=3.0, generator=kind, guidance_schedule="cubic")
+    with pytest.raises(ValueError, match="maskgit_choice_temperature"):
+        m.generate([0], steps=2, generator="maskgit", choice_temperature=-1.0)
+
+
 @pytest.mark.parametrize("cond", CONDS)
 def test_ar_kv_cache_decoding_equals_the_uncached_forward(cond, gen):
     """In float64: the cached forward (one or two new positions a step) gives the full causal

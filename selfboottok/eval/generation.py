@@ -63,10 +63,11 @@ def check_sampling(steps, batch_size, temperature):
 @torch.no_grad()
 def sample_batches(model, labels, *, generator: str = "maskgit", steps: int = 8, guidance: float = 1.0,
                    temperature: float = 1.0, seed: int = 0, batch_size: int = 64, progress: bool = True,
-                   desc: str = "generate"):
+                   desc: str = "generate", **options):
     """Yields (labels, images, seconds) for each batch of `labels`: batch b is sampled with seed
     `seed + b`, so a batch's images do not depend on the batches before it; `seconds` is the
-    wall time of its sampling alone (GPU work synchronised)."""
+    wall time of its sampling alone (GPU work synchronised). `options` go to `model.generate`
+    (top_k, top_p, guidance_schedule, choice_temperature)."""
     check_sampling(steps, batch_size, temperature)
     labels = torch.as_tensor(labels).long().cpu()
     bar = Progress(len(labels), desc, unit="img", enabled=progress, leave=False)
@@ -74,7 +75,8 @@ def sample_batches(model, labels, *, generator: str = "maskgit", steps: int = 8,
         for b, lab in enumerate(labels.split(int(batch_size))):
             t0 = time.perf_counter()
             images = model.generate(lab.tolist(), steps=int(steps), guidance=float(guidance),
-                                    generator=generator, seed=int(seed) + b, temperature=float(temperature))
+                                    generator=generator, seed=int(seed) + b, temperature=float(temperature),
+                                    **options)
             if images.is_cuda:
                 torch.cuda.synchronize(images.device)
             seconds = time.perf_counter() - t0

@@ -27,6 +27,11 @@ def _check_choice(value, allowed, name):
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
 
+def _check_choice_temperature(value):
+    if value is not None and value < 0:
+        raise ValueError(f"maskgit_choice_temperature must be None or >= 0, got {value}")
+
+
 def guidance_at(guidance, schedule, done):
     """The guidance weight for a decoding round that ends with fraction `done` (in (0, 1]) of
     the tokens fixed: `guidance` throughout ("constant"), or rising in proportion to `done`
@@ -176,8 +181,7 @@ class MaskGIT(_TokenTransformer):
                          guidance_schedule)
         if not 0 <= min_mask <= 1:
             raise ValueError(f"maskgit_min_mask must be in [0, 1], got {min_mask}")
-        if choice_temperature is not None and choice_temperature < 0:
-            raise ValueError(f"maskgit_choice_temperature must be None or >= 0, got {choice_temperature}")
+        _check_choice_temperature(choice_temperature)
         self.mask_id = vocab
         self.min_mask, self.choice_temperature = min_mask, choice_temperature
 
@@ -204,6 +208,7 @@ class MaskGIT(_TokenTransformer):
         samples stay (annealed to 0 over the rounds); None: the model's
         `choice_temperature`, and if that is None, `temperature`."""
         schedule = self._schedule(guidance_schedule)
+        _check_choice_temperature(choice_temperature)
         if choice_temperature is None:
             choice_temperature = temperature if self.choice_temperature is None else self.choice_temperature
         B, T = labels.shape[0], self.seq_len
