@@ -14,6 +14,8 @@ __all__ = ["ViTConfig", "TrainConfig", "LossConfig", "SelfBootTokConfig"]
 
 @dataclass
 class ViTConfig:
+    """The size of one transformer (the encoder, the decoders or the generators)."""
+
     width: int = 128
     depth: int = 2
     heads: int = 4
@@ -40,6 +42,8 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
+    """How a stage trains: optimiser, step budgets, logging and checkpoints."""
+
     batch_size: int = 64
     lr: float = 5e-4  # 1e-3 and above made the tiny tokenizer unstable on the embedded data
     weight_decay: float = 0.05

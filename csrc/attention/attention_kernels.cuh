@@ -103,51 +103,58 @@ struct Cfg {
 
 constexpr size_t align128(size_t x) { return (x + 127) / 128 * 128; }
 
+// Byte offsets of a kernel's shared-memory regions of the given sizes, laid out in order, each
+// 128-byte aligned; at[N] is the total.
+template <int N>
+struct SmemPlan {
+  size_t at[N + 1];
+  constexpr explicit SmemPlan(const size_t (&bytes)[N]) : at{} {
+    for (int i = 0; i < N; ++i) at[i + 1] = align128(at[i] + bytes[i]);
+  }
+};
+
+// Bytes per row of each kind of tile.
+template <typename T, int DMAX>
+struct RowBytes {
+  using C = Cfg<T, DMAX>;
+  static constexpr size_t op = sizeof(T) * C::kLdT, s = sizeof(float) * C::kLdS;
+  static constexpr size_t p = sizeof(T) * C::kLdP, o = sizeof(float) * C::kLdO;
+};
+
 template <typename T, int DMAX>
 struct FwdSmem {
   using C = Cfg<T, DMAX>;
-  static constexpr size_t q = 0;
-  static constexpr size_t k = align128(q + sizeof(T) * kRows * C::kLdT);
-  static constexpr size_t v = align128(k + sizeof(T) * C::kBN * C::kLdT);
-  static constexpr size_t s = align128(v + sizeof(T) * C::kBN * C::kLdT);
-  static constexpr size_t p = align128(s + sizeof(float) * kRows * C::kLdS);
-  static constexpr size_t o = align128(p + sizeof(T) * kRows * C::kLdP);
-  static constexpr size_t inv = align128(o + sizeof(float) * kRows * C::kLdO);
-  static constexpr size_t ok = align128(inv + sizeof(float) * kRows);
-  static constexpr size_t bytes = align128(ok + C::kBN);
+  using R = RowBytes<T, DMAX>;
+  static constexpr SmemPlan<8> plan{{kRows * R::op, C::kBN * R::op, C::kBN * R::op, kRows * R::s,
+                                     kRows * R::p, kRows * R::o, kRows * sizeof(float), C::kBN}};
+  static constexpr size_t q = plan.at[0], k = plan.at[1], v = plan.at[2], s = plan.at[3];
+  static constexpr size_t p = plan.at[4], o = plan.at[5], inv = plan.at[6], ok = plan.at[7];
+  static constexpr size_t bytes = plan.at[8];
 };
 
 template <typename T, int DMAX>
 struct DqSmem {
   using C = Cfg<T, DMAX>;
-  static constexpr size_t q = 0;
-  static constexpr size_t dout = align128(q + sizeof(T) * kRows * C::kLdT);
-  static constexpr size_t k = align128(dout + sizeof(T) * kRows * C::kLdT);
-  static constexpr size_t v = align128(k + sizeof(T) * C::kBN * C::kLdT);
-  static constexpr size_t s = align128(v + sizeof(T) * C::kBN * C::kLdT);
-  static constexpr size_t dp = align128(s + sizeof(float) * kRows * C::kLdS);
-  static constexpr size_t ds = align128(dp + sizeof(float) * kRows * C::kLdS);
-  static constexpr size_t lse = align128(ds + sizeof(T) * kRows * C::kLdP);
-  static constexpr size_t delta = align128(lse + sizeof(float) * kRows);
-  static constexpr size_t ok = align128(delta + sizeof(float) * kRows);
-  static constexpr size_t bytes = align128(ok + C::kBN);
+  using R = RowBytes<T, DMAX>;
+  static constexpr SmemPlan<10> plan{{kRows * R::op, kRows * R::op, C::kBN * R::op, C::kBN * R::op,
+                                      kRows * R::s, kRows * R::s, kRows * R::p,
+                                      kRows * sizeof(float), kRows * sizeof(float), C::kBN}};
+  static constexpr size_t q = plan.at[0], dout = plan.at[1], k = plan.at[2], v = plan.at[3];
+  static constexpr size_t s = plan.at[4], dp = plan.at[5], ds = plan.at[6], lse = plan.at[7];
+  static constexpr size_t delta = plan.at[8], ok = plan.at[9], bytes = plan.at[10];
 };
 
 template <typename T, int DMAX>
 struct DkvSmem {
   using C = Cfg<T, DMAX>;
-  static constexpr size_t k = 0;
-  static constexpr size_t v = align128(k + sizeof(T) * kRows * C::kLdT);
-  static constexpr size_t q = align128(v + sizeof(T) * kRows * C::kLdT);
-  static constexpr size_t dout = align128(q + sizeof(T) * C::kBN * C::kLdT);
-  static constexpr size_t s = align128(dout + sizeof(T) * C::kBN * C::kLdT);
-  static constexpr size_t dp = align128(s + sizeof(float) * kRows * C::kLdS);
-  static constexpr size_t p = align128(dp + sizeof(float) * kRows * C::kLdS);
-  static constexpr size_t ds = align128(p + sizeof(T) * kRows * C::kLdP);
-  static constexpr size_t lse = align128(ds + sizeof(T) * kRows * C::kLdP);
-  static constexpr size_t delta = align128(lse + sizeof(float) * C::kBN);
-  static constexpr size_t ok = align128(delta + sizeof(float) * C::kBN);
-  static constexpr size_t bytes = align128(ok + kRows);
+  using R = RowBytes<T, DMAX>;
+  static constexpr SmemPlan<11> plan{{kRows * R::op, kRows * R::op, C::kBN * R::op, C::kBN * R::op,
+                                      kRows * R::s, kRows * R::s, kRows * R::p, kRows * R::p,
+                                      C::kBN * sizeof(float), C::kBN * sizeof(float), kRows}};
+  static constexpr size_t k = plan.at[0], v = plan.at[1], q = plan.at[2], dout = plan.at[3];
+  static constexpr size_t s = plan.at[4], dp = plan.at[5], p = plan.at[6], ds = plan.at[7];
+  static constexpr size_t lse = plan.at[8], delta = plan.at[9], ok = plan.at[10];
+  static constexpr size_t bytes = plan.at[11];
 };
 
 // A warp's 16 x (16 * NF) fp32 accumulator tile. Collective: every lane of the warp calls every
@@ -332,30 +339,127 @@ __device__ __forceinline__ int key_end_for(const Params<T>& p, int q0, int rows)
   return p.causal ? imin(p.Lk, q0 + rows + (p.Lk - p.Lq)) : p.Lk;
 }
 
+template <typename U>
+__device__ __forceinline__ U* smem_at(unsigned char* smem, size_t offset) {
+  return reinterpret_cast<U*>(smem + offset);
+}
+
+// Where a block stands: blockIdx.x = (batch * H + head) * n_tiles + tile.
+struct BlockPos {
+  int64_t bh;
+  int tile, b, h, lane, warp;
+};
+
+template <typename T>
+__device__ __forceinline__ BlockPos block_pos(const Params<T>& p) {
+  const int64_t bid = blockIdx.x, bh = bid / p.n_tiles;
+  const int tid = threadIdx.x;
+  return {bh, static_cast<int>(bid % p.n_tiles), static_cast<int>(bh / p.H),
+          static_cast<int>(bh % p.H), tid & 31, tid >> 5};
+}
+
+// Query rows [q0, q0 + rows) of (b, h) into smem, zero from `valid` on. Block-collective.
+template <typename T, int kLd>
+__device__ __forceinline__ void load_queries(const Params<T>& p, int b, int h, int q0, int rows,
+                                             int valid, T* sQ) {
+  load_rows(sQ, kLd, p.q + b * p.q_sb + h * p.q_sh + q0 * p.q_sl, p.q_sl, rows, valid, p.D, p.d16);
+}
+
+// What the backward kernels read per query row: Q, dO, the lse in log2 units (-inf past
+// `valid`) and delta = rowsum(dO * O). Block-collective; the caller synchronises.
+template <typename T, int kLd>
+__device__ __forceinline__ void load_backward_rows(const Params<T>& p, const BlockPos& at, int q0,
+                                                   int rows, int valid, T* sQ, T* sdO, float* sL2,
+                                                   float* sDelta) {
+  load_queries<T, kLd>(p, at.b, at.h, q0, rows, valid, sQ);
+  load_rows(sdO, kLd, p.dout + at.b * p.do_sb + at.h * p.do_sh + q0 * p.do_sl, p.do_sl, rows,
+            valid, p.D, p.d16);
+  for (int i = threadIdx.x; i < rows; i += kThreads) {
+    const bool in = i < valid;
+    sL2[i] = in ? p.lse[at.bh * p.Lq + q0 + i] * kLog2e : -INFINITY;
+    sDelta[i] = in ? p.delta[at.bh * p.Lq + q0 + i] : 0.f;
+  }
+}
+
+// The shared tiles of the backward kernels: Q, dO, K, V, the rows' lse (log2 units) and delta,
+// the key flags, and this warp's scores, dP and dS.
+template <typename T>
+struct BwdTiles {
+  T *q, *dout, *k, *v;
+  float *l2, *delta;
+  unsigned char* ok;
+  float *s, *dp;
+  T* ds;
+};
+
+template <typename T, typename C, typename L>
+__device__ __forceinline__ BwdTiles<T> bwd_tiles(unsigned char* smem, int warp) {
+  const int ws = warp * 16 * C::kLdS, wp = warp * 16 * C::kLdP;
+  return {smem_at<T>(smem, L::q),         smem_at<T>(smem, L::dout),
+          smem_at<T>(smem, L::k),         smem_at<T>(smem, L::v),
+          smem_at<float>(smem, L::lse),   smem_at<float>(smem, L::delta),
+          smem + L::ok,                   smem_at<float>(smem, L::s) + ws,
+          smem_at<float>(smem, L::dp) + ws, smem_at<T>(smem, L::ds) + wp};
+}
+
+// body(kg0) for every key tile (kKeys keys from global key kg0, never across chunks) that a
+// query row of [q0, q0 + rows) may see, with the tile's K, V and key flags in smem.
+// Block-collective.
+template <typename T, int kKeys, int kLd, typename Body>
+__device__ __forceinline__ void for_each_key_tile(const Params<T>& p, const BlockPos& at, int q0,
+                                                  int rows, T* sK, T* sV, unsigned char* ok,
+                                                  Body&& body) {
+  const int key_end = key_end_for(p, q0, rows);
+  for (int c = 0; c < p.n_chunks; ++c) {
+    for (int t0 = 0; t0 < p.len[c] && p.off[c] + t0 < key_end; t0 += kKeys) {
+      __syncthreads();
+      load_keys<T, kKeys, kLd>(p, c, at.b, at.h, t0, sK, sV, ok);
+      __syncthreads();
+      body(p.off[c] + t0);
+    }
+  }
+}
+
+// dst (fp32, row stride ldd) = A B^T for one warp's 16 rows of A and 16 * NF rows of B, over
+// the first k16 columns of both.
+template <typename T, int NF>
+__device__ __forceinline__ void warp_scores(const T* a, int lda, const T* b, int ldb, int k16,
+                                            float* dst, int ldd) {
+  WarpTile<T, NF> acc;
+  acc.zero();
+  acc.template mma<true>(a, lda, b, ldb, k16, NF);
+  store_tile(acc, dst, ldd, NF);
+}
+
+// The backward's scores S = A B^T into sm.s and dP = A' B'^T into sm.dp, for one warp (operand
+// row stride C::kLdT, over the first k16 columns).
+template <typename T, int NF, typename C>
+__device__ __forceinline__ void scores_and_dp(const BwdTiles<T>& sm, const T* a, const T* b,
+                                              const T* a2, const T* b2, int k16) {
+  warp_scores<T, NF>(a, C::kLdT, b, C::kLdT, k16, sm.s, C::kLdS);
+  warp_scores<T, NF>(a2, C::kLdT, b2, C::kLdT, k16, sm.dp, C::kLdS);
+  __syncwarp();
+}
+
 template <typename T, int DMAX>
 __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Params<T> p) {
   using C = Cfg<T, DMAX>;
   using L = FwdSmem<T, DMAX>;
   constexpr int BN = C::kBN;
   SBT_DYNAMIC_SMEM(smem);
-  T* sQ = reinterpret_cast<T*>(smem + L::q);
-  T* sK = reinterpret_cast<T*>(smem + L::k);
-  T* sV = reinterpret_cast<T*>(smem + L::v);
-  float* sInv = reinterpret_cast<float*>(smem + L::inv);
+  T *sQ = smem_at<T>(smem, L::q), *sK = smem_at<T>(smem, L::k), *sV = smem_at<T>(smem, L::v);
+  float* sInv = smem_at<float>(smem, L::inv);
   unsigned char* sOk = smem + L::ok;
 
-  const int64_t bid = blockIdx.x;
-  const int tile = static_cast<int>(bid % p.n_tiles);
-  const int64_t bh = bid / p.n_tiles;
-  const int b = static_cast<int>(bh / p.H), h = static_cast<int>(bh % p.H);
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int q0 = tile * kRows, qvalid = imin(kRows, p.Lq - q0);
-  float* sS = reinterpret_cast<float*>(smem + L::s) + warp * 16 * C::kLdS;
-  T* sP = reinterpret_cast<T*>(smem + L::p) + warp * 16 * C::kLdP;
-  float* sO = reinterpret_cast<float*>(smem + L::o) + warp * 16 * C::kLdO;
+  const BlockPos at = block_pos(p);
+  const int64_t bh = at.bh;
+  const int lane = at.lane, warp = at.warp;
+  const int q0 = at.tile * kRows, qvalid = imin(kRows, p.Lq - q0);
+  float* sS = smem_at<float>(smem, L::s) + warp * 16 * C::kLdS;
+  T* sP = smem_at<T>(smem, L::p) + warp * 16 * C::kLdP;
+  float* sO = smem_at<float>(smem, L::o) + warp * 16 * C::kLdO;
 
-  load_rows(sQ, C::kLdT, p.q + b * p.q_sb + h * p.q_sh + q0 * p.q_sl, p.q_sl, kRows, qvalid, p.D,
-            p.d16);
+  load_queries<T, C::kLdT>(p, at.b, at.h, q0, kRows, qvalid, sQ);
   for (int e = lane; e < 16 * C::kLdO; e += 32) sO[e] = 0.f;
   __syncthreads();
 
@@ -363,55 +467,44 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Params<T>
   const int r = lane >> 1, par = lane & 1;
   const int qi = q0 + warp * 16 + r;
   const int diag = p.Lk - p.Lq;
-  const int key_end = key_end_for(p, q0, qvalid);
   const int nfo = p.d16 / 16;
   float m = -INFINITY, l = 0.f;  // running max (log2 units) and sum of the row
 
-  for (int c = 0; c < p.n_chunks; ++c) {
-    for (int t0 = 0; t0 < p.len[c] && p.off[c] + t0 < key_end; t0 += BN) {
-      const int kg0 = p.off[c] + t0;
-      __syncthreads();
-      load_keys<T, BN, C::kLdT>(p, c, b, h, t0, sK, sV, sOk);
-      __syncthreads();
+  for_each_key_tile<T, BN, C::kLdT>(p, at, q0, qvalid, sK, sV, sOk, [&](int kg0) {
+    warp_scores<T, BN / 16>(sQ + warp * 16 * C::kLdT, C::kLdT, sK, C::kLdT, p.d16, sS, C::kLdS);
+    __syncwarp();
 
-      WarpTile<T, BN / 16> s;
-      s.zero();
-      s.template mma<true>(sQ + warp * 16 * C::kLdT, C::kLdT, sK, C::kLdT, p.d16, BN / 16);
-      store_tile(s, sS, C::kLdS, BN / 16);
-      __syncwarp();
-
-      float* srow = sS + r * C::kLdS;
-      float mt = -INFINITY;
-      for (int j = par; j < BN; j += 2) {
-        const bool ok = sOk[j] && (!p.causal || kg0 + j <= qi + diag);
-        const float x = ok ? srow[j] * p.scale_log2 : -INFINITY;
-        srow[j] = x;
-        mt = fmaxf(mt, x);
-      }
-      mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, 1));
-      const float mn = fmaxf(m, mt);
-      const float base = mn == -INFINITY ? 0.f : mn;  // no allowed key yet: every p is 0
-      const float alpha = exp2f(m - base);
-      float sum = 0.f;
-      T* prow = sP + r * C::kLdP;
-      for (int j = par; j < BN; j += 2) {
-        const float pj = exp2f(srow[j] - base);
-        prow[j] = Conv<T>::from(pj);
-        sum += pj;
-      }
-      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-      l = l * alpha + sum;
-      m = mn;
-      float* orow = sO + r * C::kLdO;
-      for (int d = par; d < p.d16; d += 2) orow[d] *= alpha;
-      __syncwarp();
-
-      WarpTile<T, DMAX / 16> o;
-      o.load(sO, C::kLdO, nfo);
-      o.template mma<false>(sP, C::kLdP, sV, C::kLdT, BN, nfo);
-      store_tile(o, sO, C::kLdO, nfo);
+    float* srow = sS + r * C::kLdS;
+    float mt = -INFINITY;
+    for (int j = par; j < BN; j += 2) {
+      const bool ok = sOk[j] && (!p.causal || kg0 + j <= qi + diag);
+      const float x = ok ? srow[j] * p.scale_log2 : -INFINITY;
+      srow[j] = x;
+      mt = fmaxf(mt, x);
     }
-  }
+    mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, 1));
+    const float mn = fmaxf(m, mt);
+    const float base = mn == -INFINITY ? 0.f : mn;  // no allowed key yet: every p is 0
+    const float alpha = exp2f(m - base);
+    float sum = 0.f;
+    T* prow = sP + r * C::kLdP;
+    for (int j = par; j < BN; j += 2) {
+      const float pj = exp2f(srow[j] - base);
+      prow[j] = Conv<T>::from(pj);
+      sum += pj;
+    }
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    l = l * alpha + sum;
+    m = mn;
+    float* orow = sO + r * C::kLdO;
+    for (int d = par; d < p.d16; d += 2) orow[d] *= alpha;
+    __syncwarp();
+
+    WarpTile<T, DMAX / 16> o;
+    o.load(sO, C::kLdO, nfo);
+    o.template mma<false>(sP, C::kLdP, sV, C::kLdT, BN, nfo);
+    store_tile(o, sO, C::kLdO, nfo);
+  });
   __syncwarp();
 
   const int row = warp * 16 + r;
@@ -432,104 +525,56 @@ template <typename T, int DMAX>
 __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const Params<T> p) {
   using C = Cfg<T, DMAX>;
   using L = DqSmem<T, DMAX>;
-  constexpr int BN = C::kBN;
   SBT_DYNAMIC_SMEM(smem);
-  T* sQ = reinterpret_cast<T*>(smem + L::q);
-  T* sdO = reinterpret_cast<T*>(smem + L::dout);
-  T* sK = reinterpret_cast<T*>(smem + L::k);
-  T* sV = reinterpret_cast<T*>(smem + L::v);
-  float* sL2 = reinterpret_cast<float*>(smem + L::lse);
-  float* sDelta = reinterpret_cast<float*>(smem + L::delta);
-  unsigned char* sOk = smem + L::ok;
+  const BlockPos at = block_pos(p);
+  const BwdTiles<T> sm = bwd_tiles<T, C, L>(smem, at.warp);
+  const int lane = at.lane, warp = at.warp;
+  const int q0 = at.tile * kRows, qvalid = imin(kRows, p.Lq - q0);
+  constexpr int BN = C::kBN;  // keys per step
 
-  const int64_t bid = blockIdx.x;
-  const int tile = static_cast<int>(bid % p.n_tiles);
-  const int64_t bh = bid / p.n_tiles;
-  const int b = static_cast<int>(bh / p.H), h = static_cast<int>(bh % p.H);
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int q0 = tile * kRows, qvalid = imin(kRows, p.Lq - q0);
-  float* sS = reinterpret_cast<float*>(smem + L::s) + warp * 16 * C::kLdS;
-  float* sdP = reinterpret_cast<float*>(smem + L::dp) + warp * 16 * C::kLdS;
-  T* sdS = reinterpret_cast<T*>(smem + L::ds) + warp * 16 * C::kLdP;
-
-  load_rows(sQ, C::kLdT, p.q + b * p.q_sb + h * p.q_sh + q0 * p.q_sl, p.q_sl, kRows, qvalid, p.D,
-            p.d16);
-  load_rows(sdO, C::kLdT, p.dout + b * p.do_sb + h * p.do_sh + q0 * p.do_sl, p.do_sl, kRows,
-            qvalid, p.D, p.d16);
-  for (int i = tid; i < kRows; i += kThreads) {
-    const bool in = i < qvalid;
-    sL2[i] = in ? p.lse[bh * p.Lq + q0 + i] * kLog2e : -INFINITY;
-    sDelta[i] = in ? p.delta[bh * p.Lq + q0 + i] : 0.f;
-  }
+  load_backward_rows<T, C::kLdT>(p, at, q0, kRows, qvalid, sm.q, sm.dout, sm.l2, sm.delta);
   __syncthreads();
 
   const int diag = p.Lk - p.Lq;
-  const int key_end = key_end_for(p, q0, qvalid);
   const int nfo = p.d16 / 16;
   WarpTile<T, DMAX / 16> dq;
   dq.zero();
 
-  for (int c = 0; c < p.n_chunks; ++c) {
-    for (int t0 = 0; t0 < p.len[c] && p.off[c] + t0 < key_end; t0 += BN) {
-      const int kg0 = p.off[c] + t0;
-      __syncthreads();
-      load_keys<T, BN, C::kLdT>(p, c, b, h, t0, sK, sV, sOk);
-      __syncthreads();
+  for_each_key_tile<T, BN, C::kLdT>(p, at, q0, qvalid, sm.k, sm.v, sm.ok, [&](int kg0) {
+    const int w = warp * 16 * C::kLdT;
+    scores_and_dp<T, BN / 16, C>(sm, sm.q + w, sm.k, sm.dout + w, sm.v, p.d16);
 
-      WarpTile<T, BN / 16> acc;
-      acc.zero();
-      acc.template mma<true>(sQ + warp * 16 * C::kLdT, C::kLdT, sK, C::kLdT, p.d16, BN / 16);
-      store_tile(acc, sS, C::kLdS, BN / 16);
-      acc.zero();
-      acc.template mma<true>(sdO + warp * 16 * C::kLdT, C::kLdT, sV, C::kLdT, p.d16, BN / 16);
-      store_tile(acc, sdP, C::kLdS, BN / 16);
-      __syncwarp();
-
-      for (int e = lane; e < 16 * BN; e += 32) {
-        const int rr = e / BN, j = e - rr * BN;
-        const int row = warp * 16 + rr;
-        const float l2 = sL2[row];
-        const bool ok = sOk[j] && l2 != -INFINITY && (!p.causal || kg0 + j <= q0 + row + diag);
-        const float pv = ok ? exp2f(sS[rr * C::kLdS + j] * p.scale_log2 - l2) : 0.f;
-        sdS[rr * C::kLdP + j] = Conv<T>::from(pv * (sdP[rr * C::kLdS + j] - sDelta[row]));
-      }
-      __syncwarp();
-      dq.template mma<false>(sdS, C::kLdP, sK, C::kLdT, BN, nfo);
+    for (int e = lane; e < 16 * BN; e += 32) {
+      const int rr = e / BN, j = e - rr * BN;
+      const int row = warp * 16 + rr;
+      const float l2 = sm.l2[row];
+      const bool ok = sm.ok[j] && l2 != -INFINITY && (!p.causal || kg0 + j <= q0 + row + diag);
+      const float pv = ok ? exp2f(sm.s[rr * C::kLdS + j] * p.scale_log2 - l2) : 0.f;
+      sm.ds[rr * C::kLdP + j] = Conv<T>::from(pv * (sm.dp[rr * C::kLdS + j] - sm.delta[row]));
     }
-  }
-  write_rows(dq, p.dq + (bh * p.Lq + q0 + warp * 16) * p.D, p.D, imin(16, qvalid - warp * 16), p.D,
-             p.scale, sS, C::kLdS);
+    __syncwarp();
+    dq.template mma<false>(sm.ds, C::kLdP, sm.k, C::kLdT, BN, nfo);
+  });
+  write_rows(dq, p.dq + (at.bh * p.Lq + q0 + warp * 16) * p.D, p.D, imin(16, qvalid - warp * 16),
+             p.D, p.scale, sm.s, C::kLdS);
 }
 
 template <typename T, int DMAX>
 __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Params<T> p) {
   using C = Cfg<T, DMAX>;
   using L = DkvSmem<T, DMAX>;
-  constexpr int BQ = C::kBN;
   SBT_DYNAMIC_SMEM(smem);
-  T* sK = reinterpret_cast<T*>(smem + L::k);
-  T* sV = reinterpret_cast<T*>(smem + L::v);
-  T* sQ = reinterpret_cast<T*>(smem + L::q);
-  T* sdO = reinterpret_cast<T*>(smem + L::dout);
-  float* sL2 = reinterpret_cast<float*>(smem + L::lse);
-  float* sDelta = reinterpret_cast<float*>(smem + L::delta);
-  unsigned char* sOk = smem + L::ok;
-
-  const int64_t bid = blockIdx.x;
-  const int kt = static_cast<int>(bid % p.n_tiles);
-  const int64_t bh = bid / p.n_tiles;
-  const int b = static_cast<int>(bh / p.H), h = static_cast<int>(bh % p.H);
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const BlockPos at = block_pos(p);  // at.tile: the key tile, numbered across chunks
+  const BwdTiles<T> sm = bwd_tiles<T, C, L>(smem, at.warp);
+  const int lane = at.lane, warp = at.warp;
+  constexpr int BQ = C::kBN;  // queries per step
   int c = 0;
-  while (c + 1 < p.n_chunks && kt >= p.tile0[c + 1]) ++c;
-  const int t0 = (kt - p.tile0[c]) * kRows;
+  while (c + 1 < p.n_chunks && at.tile >= p.tile0[c + 1]) ++c;
+  const int t0 = (at.tile - p.tile0[c]) * kRows;
   const int kg0 = p.off[c] + t0, kvalid = imin(kRows, p.len[c] - t0);
-  float* sS = reinterpret_cast<float*>(smem + L::s) + warp * 16 * C::kLdS;
-  float* sdP = reinterpret_cast<float*>(smem + L::dp) + warp * 16 * C::kLdS;
-  T* sP = reinterpret_cast<T*>(smem + L::p) + warp * 16 * C::kLdP;
-  T* sdS = reinterpret_cast<T*>(smem + L::ds) + warp * 16 * C::kLdP;
+  T* sP = smem_at<T>(smem, L::p) + warp * 16 * C::kLdP;
 
-  load_keys<T, kRows, C::kLdT>(p, c, b, h, t0, sK, sV, sOk);
+  load_keys<T, kRows, C::kLdT>(p, c, at.b, at.h, t0, sm.k, sm.v, sm.ok);
 
   const int diag = p.Lk - p.Lq;
   const int nfo = p.d16 / 16;
@@ -543,44 +588,30 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const Para
   for (int q0 = q_begin; q0 < p.Lq; q0 += BQ) {
     const int qvalid = imin(BQ, p.Lq - q0);
     __syncthreads();
-    load_rows(sQ, C::kLdT, p.q + b * p.q_sb + h * p.q_sh + q0 * p.q_sl, p.q_sl, BQ, qvalid, p.D,
-              p.d16);
-    load_rows(sdO, C::kLdT, p.dout + b * p.do_sb + h * p.do_sh + q0 * p.do_sl, p.do_sl, BQ,
-              qvalid, p.D, p.d16);
-    for (int i = tid; i < BQ; i += kThreads) {
-      const bool in = i < qvalid;
-      sL2[i] = in ? p.lse[bh * p.Lq + q0 + i] * kLog2e : -INFINITY;
-      sDelta[i] = in ? p.delta[bh * p.Lq + q0 + i] : 0.f;
-    }
+    load_backward_rows<T, C::kLdT>(p, at, q0, BQ, qvalid, sm.q, sm.dout, sm.l2, sm.delta);
     __syncthreads();
 
     // Transposed scores: rows are this warp's keys, columns the queries of the tile.
-    WarpTile<T, BQ / 16> acc;
-    acc.zero();
-    acc.template mma<true>(sK + warp * 16 * C::kLdT, C::kLdT, sQ, C::kLdT, p.d16, BQ / 16);
-    store_tile(acc, sS, C::kLdS, BQ / 16);
-    acc.zero();
-    acc.template mma<true>(sV + warp * 16 * C::kLdT, C::kLdT, sdO, C::kLdT, p.d16, BQ / 16);
-    store_tile(acc, sdP, C::kLdS, BQ / 16);
-    __syncwarp();
+    const int w = warp * 16 * C::kLdT;
+    scores_and_dp<T, BQ / 16, C>(sm, sm.k + w, sm.q, sm.v + w, sm.dout, p.d16);
 
     for (int e = lane; e < 16 * BQ; e += 32) {
       const int rr = e / BQ, i = e - rr * BQ;
-      const float l2 = sL2[i];
-      const bool ok = sOk[warp * 16 + rr] && l2 != -INFINITY &&
+      const float l2 = sm.l2[i];
+      const bool ok = sm.ok[warp * 16 + rr] && l2 != -INFINITY &&
                       (!p.causal || kg0 + warp * 16 + rr <= q0 + i + diag);
-      const float pv = ok ? exp2f(sS[rr * C::kLdS + i] * p.scale_log2 - l2) : 0.f;
+      const float pv = ok ? exp2f(sm.s[rr * C::kLdS + i] * p.scale_log2 - l2) : 0.f;
       sP[rr * C::kLdP + i] = Conv<T>::from(pv);
-      sdS[rr * C::kLdP + i] = Conv<T>::from(pv * (sdP[rr * C::kLdS + i] - sDelta[i]));
+      sm.ds[rr * C::kLdP + i] = Conv<T>::from(pv * (sm.dp[rr * C::kLdS + i] - sm.delta[i]));
     }
     __syncwarp();
-    dv.template mma<false>(sP, C::kLdP, sdO, C::kLdT, BQ, nfo);
-    dk.template mma<false>(sdS, C::kLdP, sQ, C::kLdT, BQ, nfo);
+    dv.template mma<false>(sP, C::kLdP, sm.dout, C::kLdT, BQ, nfo);
+    dk.template mma<false>(sm.ds, C::kLdP, sm.q, C::kLdT, BQ, nfo);
   }
   const int rows = imin(16, kvalid - warp * 16);
-  const int64_t first = (bh * p.len[c] + t0 + warp * 16) * p.D;
-  write_rows(dk, p.dk[c] + first, p.D, rows, p.D, p.scale, sS, C::kLdS);
-  write_rows(dv, p.dv[c] + first, p.D, rows, p.D, 1.f, sS, C::kLdS);
+  const int64_t first = (at.bh * p.len[c] + t0 + warp * 16) * p.D;
+  write_rows(dk, p.dk[c] + first, p.D, rows, p.D, p.scale, sm.s, C::kLdS);
+  write_rows(dv, p.dv[c] + first, p.D, rows, p.D, 1.f, sm.s, C::kLdS);
 }
 
 // ---- Host side shared by the CUDA entry points and the CPU emulator of the tests ----

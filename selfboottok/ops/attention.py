@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Optional
 
 import torch
 
@@ -324,16 +323,13 @@ def _sdpa_backward(q, k, v, key_padding_mask, causal, scale, out, lse, dout, del
     return dq, dk, dv
 
 
-@torch.library.custom_op("selfboottok::attention", mutates_args=())
-def _attention_op(
-    q: torch.Tensor,
-    k: list[torch.Tensor],
-    v: list[torch.Tensor],
-    key_padding_mask: Optional[torch.Tensor],
-    causal: bool,
-    scale: float,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
+# The inputs of both ops, as a schema: keys and values come as lists of chunks.
+_INPUTS = "Tensor q, Tensor[] k, Tensor[] v, Tensor? key_padding_mask, bool causal, float scale"
+
+
+@torch.library.custom_op("selfboottok::attention", mutates_args=(),
+                         schema=f"({_INPUTS}, str backend) -> (Tensor, Tensor)")
+def _attention_op(q, k, v, key_padding_mask, causal, scale, backend):
     """-> (out, lse): lse is the float32 (float64 for float64 inputs) natural-log
     log-sum-exp of the allowed scaled scores, -inf on rows with no allowed key."""
     with torch.no_grad():
@@ -360,20 +356,11 @@ def _fake(q, k, v, key_padding_mask, causal, scale, backend):
     return q.new_empty(B, H, Lq, D), q.new_empty(B, H, Lq, dtype=_lse_dtype(q.dtype))
 
 
-@torch.library.custom_op("selfboottok::attention_backward", mutates_args=())
-def _attention_backward_op(
-    q: torch.Tensor,
-    k: list[torch.Tensor],
-    v: list[torch.Tensor],
-    key_padding_mask: Optional[torch.Tensor],
-    causal: bool,
-    scale: float,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    dout: torch.Tensor,
-    delta: Optional[torch.Tensor],
-    backend: str,
-) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+@torch.library.custom_op(
+    "selfboottok::attention_backward", mutates_args=(),
+    schema=f"({_INPUTS}, Tensor out, Tensor lse, Tensor dout, Tensor? delta, str backend) "
+           "-> (Tensor, Tensor[], Tensor[])")
+def _attention_backward_op(q, k, v, key_padding_mask, causal, scale, out, lse, dout, delta, backend):
     """-> (dq, dk chunks, dv chunks), given ``delta = rowsum(dout * out) - grad_lse``, or None
     when the lse has no gradient."""
     with torch.no_grad():

@@ -328,32 +328,15 @@ inline void check_ptr(const void* p, unsigned ldm, size_t elem, const char* what
   if ((ldm * elem) % 16 != 0) sbt_emu::fail(std::string(what) + ": ldm not a multiple of 16 bytes");
 }
 
-template <typename T>
-void load_matrix_sync(fragment<matrix_a, 16, 16, 16, T, row_major>& f, const T* p, unsigned ldm) {
-  check_ptr(p, ldm, sizeof(T), "load_matrix_sync(matrix_a)");
-  for (int m = 0; m < 16; ++m)
-    for (int k = 0; k < 16; ++k) f.v[m][k] = static_cast<float>(p[m * ldm + k]);
-}
-
-template <typename T>
-void load_matrix_sync(fragment<matrix_a, 16, 16, 16, T, col_major>& f, const T* p, unsigned ldm) {
-  check_ptr(p, ldm, sizeof(T), "load_matrix_sync(matrix_a)");
-  for (int m = 0; m < 16; ++m)
-    for (int k = 0; k < 16; ++k) f.v[m][k] = static_cast<float>(p[k * ldm + m]);
-}
-
-template <typename T>
-void load_matrix_sync(fragment<matrix_b, 16, 16, 16, T, row_major>& f, const T* p, unsigned ldm) {
-  check_ptr(p, ldm, sizeof(T), "load_matrix_sync(matrix_b)");
-  for (int k = 0; k < 16; ++k)
-    for (int n = 0; n < 16; ++n) f.v[k][n] = static_cast<float>(p[k * ldm + n]);
-}
-
-template <typename T>
-void load_matrix_sync(fragment<matrix_b, 16, 16, 16, T, col_major>& f, const T* p, unsigned ldm) {
-  check_ptr(p, ldm, sizeof(T), "load_matrix_sync(matrix_b)");
-  for (int k = 0; k < 16; ++k)
-    for (int n = 0; n < 16; ++n) f.v[k][n] = static_cast<float>(p[n * ldm + k]);
+// Operand tiles: v[i][j] is element (i, j) of the tile ([m][k] for a, [k][n] for b), stored
+// row by row, or column by column for col_major.
+template <typename Use, typename T, typename Layout>
+void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* p, unsigned ldm) {
+  check_ptr(p, ldm, sizeof(T),
+            std::is_same<Use, matrix_a>::value ? "load_matrix_sync(matrix_a)" : "load_matrix_sync(matrix_b)");
+  constexpr bool col = std::is_same<Layout, col_major>::value;
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 16; ++j) f.v[i][j] = static_cast<float>(col ? p[j * ldm + i] : p[i * ldm + j]);
 }
 
 inline size_t acc_offset(int i, unsigned ldm, layout_t layout) {

@@ -56,6 +56,23 @@ def _program_tile(n_tiles):
 
 
 @triton.jit
+def _query_rows(Lq, H, BLOCK_M: tl.constexpr):
+    # (batch*head, batch, head, first row, rows) of this program's query tile
+    tile, bh = _program_tile(tl.cdiv(Lq, BLOCK_M))
+    start_m = tile * BLOCK_M
+    return bh, bh // H, bh % H, start_m, start_m + tl.arange(0, BLOCK_M)
+
+
+@triton.jit
+def _key_strides(sk0n, sk1n, sk2n, sk3n, sv0n, sv1n, sv2n, sv3n, ROW64: tl.constexpr):
+    # the chunks' K and V row strides, in int64 where some row offset passes 2**31 elements
+    if ROW64:
+        sk0n, sk1n, sk2n, sk3n = _i64(sk0n), _i64(sk1n), _i64(sk2n), _i64(sk3n)
+        sv0n, sv1n, sv2n, sv3n = _i64(sv0n), _i64(sv1n), _i64(sv2n), _i64(sv3n)
+    return sk0n, sk1n, sk2n, sk3n, sv0n, sv1n, sv2n, sv3n
+
+
+@triton.jit
 def _key_ok(Mask_row, koff, n, Lc, HAS_MASK: tl.constexpr):
     ok = n < Lc
     if HAS_MASK:
@@ -89,22 +106,28 @@ def _probs(s, lse2, allowed, qk_scale):
 
 
 @triton.jit
+def _key_rows(Kb, Vb, sk, sv, start_n, Lc, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+              HEAD_DIM: tl.constexpr):
+    # key numbers n (within the chunk) of the tile at start_n, and their K and V rows,
+    # [BLOCK_N, BLOCK_D], zero past the chunk and the head dim
+    n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (n < Lc)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    k = tl.load(Kb + n[:, None] * sk + offs_d[None, :], mask=mask, other=0.0)
+    v = tl.load(Vb + n[:, None] * sv + offs_d[None, :], mask=mask, other=0.0)
+    return n, k, v
+
+
+@triton.jit
 def _fwd_chunk(
     acc, m_i, l_i, q, offs_m, start_m, Kb, Vb, sk, sv, Lc, koff, Mask_row, Lq, Lk, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < HEAD_DIM
-    hi = _causal_hi(Lc, koff, start_m, Lq, Lk, BLOCK_M, CAUSAL)
-    for start_n in range(0, hi, BLOCK_N):
-        n = start_n + offs_n
-        nmask = n < Lc
-        kT = tl.load(Kb + n[None, :] * sk + offs_d[:, None], mask=nmask[None, :] & dmask[:, None], other=0.0)
-        v = tl.load(Vb + n[:, None] * sv + offs_d[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
+    for start_n in range(0, _causal_hi(Lc, koff, start_m, Lq, Lk, BLOCK_M, CAUSAL), BLOCK_N):
+        n, k, v = _key_rows(Kb, Vb, sk, sv, start_n, Lc, BLOCK_N, BLOCK_D, HEAD_DIM)
         allowed = _allowed(Mask_row, koff, n, Lc, offs_m, Lq, Lk, HAS_MASK, CAUSAL)
-        s = tl.where(allowed, _dot(q, kT, INTERPRET) * qk_scale, float("-inf"))
+        s = tl.where(allowed, _dot(q, tl.trans(k), INTERPRET) * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # a row with no allowed key so far keeps m = -inf; shift it by 0 so exp2 gives 0, not NaN
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -130,14 +153,11 @@ def _attn_fwd(
 ):
     # one program per (query tile, batch*head), the query tile fastest so that programs running
     # together read the same keys (L2)
-    tile, bh = _program_tile(tl.cdiv(Lq, BLOCK_M))
-    start_m = tile * BLOCK_M
-    b, h = bh // H, bh % H
     if ROW64:  # some row offset passes 2**31 elements
         sqm = _i64(sqm)
-        sk0n, sk1n, sk2n, sk3n = _i64(sk0n), _i64(sk1n), _i64(sk2n), _i64(sk3n)
-        sv0n, sv1n, sv2n, sv3n = _i64(sv0n), _i64(sv1n), _i64(sv2n), _i64(sv3n)
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    sk0n, sk1n, sk2n, sk3n, sv0n, sv1n, sv2n, sv3n = _key_strides(
+        sk0n, sk1n, sk2n, sk3n, sv0n, sv1n, sv2n, sv3n, ROW64)
+    bh, b, h, start_m, offs_m = _query_rows(Lq, H, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     md_mask = (offs_m < Lq)[:, None] & (offs_d < HEAD_DIM)[None, :]
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :], mask=md_mask, other=0.0)
@@ -240,8 +260,8 @@ def _attn_bwd_kv(
     b, h = bh // H, bh % H
     if ROW64:  # some row offset passes 2**31 elements
         sqm, sdom = _i64(sqm), _i64(sdom)
-        sk0n, sk1n, sk2n, sk3n = _i64(sk0n), _i64(sk1n), _i64(sk2n), _i64(sk3n)
-        sv0n, sv1n, sv2n, sv3n = _i64(sv0n), _i64(sv1n), _i64(sv2n), _i64(sv3n)
+    sk0n, sk1n, sk2n, sk3n, sv0n, sv1n, sv2n, sv3n = _key_strides(
+        sk0n, sk1n, sk2n, sk3n, sv0n, sv1n, sv2n, sv3n, ROW64)
     Qb = Q + b * sqb + h * sqh
     DOb = DO + b * sdob + h * sdoh
     Lse_bh = Lse + bh * Lq
@@ -282,18 +302,11 @@ def _bwd_q_chunk(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < HEAD_DIM
-    hi = _causal_hi(Lc, koff, start_m, Lq, Lk, BLOCK_M, CAUSAL)
-    for start_n in range(0, hi, BLOCK_N):
-        n = start_n + offs_n
-        nmask = n < Lc
-        k = tl.load(Kb + n[:, None] * sk + offs_d[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
-        vT = tl.load(Vb + n[None, :] * sv + offs_d[:, None], mask=nmask[None, :] & dmask[:, None], other=0.0)
+    for start_n in range(0, _causal_hi(Lc, koff, start_m, Lq, Lk, BLOCK_M, CAUSAL), BLOCK_N):
+        n, k, v = _key_rows(Kb, Vb, sk, sv, start_n, Lc, BLOCK_N, BLOCK_D, HEAD_DIM)
         allowed = _allowed(Mask_row, koff, n, Lc, offs_m, Lq, Lk, HAS_MASK, CAUSAL) & row_ok[:, None]
         p = _probs(_dot(q, tl.trans(k), INTERPRET), lse2[:, None], allowed, qk_scale)
-        dp = _dot(do, vT, INTERPRET)
+        dp = _dot(do, tl.trans(v), INTERPRET)
         ds = p * (dp - delta[:, None])
         dq += _dot(_cast(ds, k.dtype, INTERPRET), k, INTERPRET)
     return dq
@@ -312,14 +325,11 @@ def _attn_bwd_q(
     ROW64: tl.constexpr,
 ):
     # dQ of one query tile, looping over every chunk's key tiles
-    tile, bh = _program_tile(tl.cdiv(Lq, BLOCK_M))
-    start_m = tile * BLOCK_M
-    b, h = bh // H, bh % H
     if ROW64:  # some row offset passes 2**31 elements
         sqm, sdom = _i64(sqm), _i64(sdom)
-        sk0n, sk1n, sk2n, sk3n = _i64(sk0n), _i64(sk1n), _i64(sk2n), _i64(sk3n)
-        sv0n, sv1n, sv2n, sv3n = _i64(sv0n), _i64(sv1n), _i64(sv2n), _i64(sv3n)
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    sk0n, sk1n, sk2n, sk3n, sv0n, sv1n, sv2n, sv3n = _key_strides(
+        sk0n, sk1n, sk2n, sk3n, sv0n, sv1n, sv2n, sv3n, ROW64)
+    bh, b, h, start_m, offs_m = _query_rows(Lq, H, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mmask = offs_m < Lq
     md_mask = mmask[:, None] & (offs_d < HEAD_DIM)[None, :]
