@@ -265,7 +265,8 @@ def run(args, mode_name, sizes, seeds, out, work) -> dict:
         f"{torch.get_num_threads()} thread(s) here)")
     res = {"mode": mode_name, "sizes": sizes, "seeds": seeds, "machine": machine_name("cpu"),
            "threads": torch.get_num_threads(), "torch": torch.__version__, "extractor": extractor.name,
-           "sample_steps": SAMPLE_STEPS, "guidance": GUIDANCE, "estimate": est}
+           "sample_steps": SAMPLE_STEPS, "guidance": GUIDANCE, "estimate": est,
+           "tokens": [getattr(model_config("global", 0, sizes), k) for k in ("num_global", "num_local")]}
     res["compute"] = compute_section(sizes)
 
     data = {}
@@ -542,7 +543,7 @@ def report(res) -> str:
          f"({res['mode']} run, {res['wall_s'] / 60:.1f} min on {res['machine']}, torch {res['torch']}). "
          f"Seeds {seeds}; every cell is the mean ± sample std over the {len(seeds)} seeds (raw numbers "
          "in `replication.json`).", "",
-         f"- Models: preset `tiny` (32x32, K_g=16 global + K_l=8 local tokens), batch {sz['batch_size']}, "
+         f"- Models: preset `tiny` (32x32, K_g={res['tokens'][0]} global + K_l={res['tokens'][1]} local tokens), batch {sz['batch_size']}, "
          f"stage 1 for {sz['stage1_steps']} steps, the stage-2 decoder job for {sz['stage2_steps']} steps "
          f"and the generator job for {sz['generator_steps']} steps on cached ids (lr {GENERATOR_LR}), both "
          f"modes at equal steps; trained on {sz['n_train']} images of each dataset (synthetic: the embedded "

@@ -123,7 +123,7 @@ def test_decode_uses_only_the_ids(model, gen):
 
 @pytest.mark.parametrize("kind", ["maskgit", "ar"])
 def test_generator_sequence_length(kind):
-    for mode, length in (("global", 16), ("all", 24)):
+    for mode, length in (("global", 32), ("all", 40)):
         c = tiny(generator_tokens=mode, generators=[kind])
         assert c.num_quantized == length
         g = build_generator(kind, c)
@@ -132,7 +132,7 @@ def test_generator_sequence_length(kind):
         assert ids.shape == (2, length) and ids.max() < c.vocab_size
     baseline = SelfBootTok(tiny(generator_tokens="all")).eval()
     t = baseline.tokenize(torch.zeros(1, 3, 32, 32))
-    assert t.ids.shape == (1, 24) and t.local_1d is None and baseline.bootstrap is None
+    assert t.ids.shape == (1, 40) and t.local_1d is None and baseline.bootstrap is None
 
 
 def test_ot_alignment_matches_pot(gen):
@@ -200,9 +200,9 @@ def test_bad_inputs(model):
     with pytest.raises(ValueError, match=r"in \[-1,1\]"):
         model.tokenize(torch.full((1, 3, 32, 32), 255.0))
     with pytest.raises(ValueError, match=r"global_ids must be in \[0, 256\)"):
-        model.decode(torch.full((1, 16), 256))
-    with pytest.raises(ValueError, match=r"global_ids must be \[B,16\]"):
-        model.decode(torch.zeros(1, 15, dtype=torch.long))
+        model.decode(torch.full((1, 32), 256))
+    with pytest.raises(ValueError, match=r"global_ids must be \[B,32\]"):
+        model.decode(torch.zeros(1, 31, dtype=torch.long))
     with pytest.raises(ValueError, match="class_labels"):
         model.generate([10])
     with pytest.raises(ValueError, match="generator must be"):
@@ -353,7 +353,7 @@ def test_ar_kv_cache_decoding_equals_the_full_causal_forward(gen):
             cached = torch.cat([ar.head(ar.vit(emb[:, t:t + step], causal=True, cache=cache))
                                 for t in range(0, T, step)], 1)
             torch.testing.assert_close(cached, full, rtol=1e-10, atol=1e-10)
-        with pytest.raises(ValueError, match="KVCache holds 16 positions, 17 requested"):
+        with pytest.raises(ValueError, match=f"KVCache holds {T} positions, {T + 1} requested"):
             ar.vit(emb[:, :1], causal=True, cache=cache)
         for guidance in (0.0, 3.0):
             sampled = ar.generate(labels, guidance=guidance, temperature=0)

@@ -198,8 +198,8 @@ def test_tokenize_then_train_on_ids_matches_cached_tokens(tmp_path, capsys):
                 "--shard-size", "10", "--batch-size", "7", "--device", "cpu", "--out", str(ids)]
     main(tokenize)
     m = read_manifest(ids)
-    assert (m["n"], m["num_shards"], m["shard_size"], m["seq_len"], m["ids_dtype"]) == (24, 3, 10, 16, "uint16")
-    assert m["source"]["data"] == "synthetic" and m["config"]["num_global"] == 16 and len(m["tokenizer"]) == 64
+    assert (m["n"], m["num_shards"], m["shard_size"], m["seq_len"], m["ids_dtype"]) == (24, 3, 10, 32, "uint16")
+    assert m["source"]["data"] == "synthetic" and m["config"]["num_global"] == 32 and len(m["tokenizer"]) == 64
     main(["train", "stage2", "--init", str(init), "--ids", str(ids), "--max-steps", "2",
           "--out", str(tmp_path / "g_ids")])
     images = build_dataset("synthetic", 32, n=24, seed=0)
