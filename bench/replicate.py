@@ -263,10 +263,11 @@ def run(args, mode_name, sizes, seeds, out, work) -> dict:
     log(f"{mode_name} run, seeds {seeds}, {torch.get_num_threads()} thread(s); estimated "
         f"{est['this_run_s'] / 60:.1f} min (the full run: about {est['full_s'] / 60:.0f} min with "
         f"{torch.get_num_threads()} thread(s) here)")
+    tiny = model_config("global", 0, sizes)
     res = {"mode": mode_name, "sizes": sizes, "seeds": seeds, "machine": machine_name("cpu"),
            "threads": torch.get_num_threads(), "torch": torch.__version__, "extractor": extractor.name,
            "sample_steps": SAMPLE_STEPS, "guidance": GUIDANCE, "estimate": est,
-           "tokens": [getattr(model_config("global", 0, sizes), k) for k in ("num_global", "num_local")]}
+           "tokens": [tiny.num_global, tiny.num_local]}
     res["compute"] = compute_section(sizes)
 
     data = {}

@@ -79,8 +79,8 @@ class SelfBootTokConfig:
     patch_size: int = 4
     channels: int = 3
     num_classes: int = 10
-    # K_g: 32 (from 16) lifted the global-only path by 1.1 dB and doubled its class accuracy
-    # (docs/results/tokenizer-quality.md); each global token is then two patches' region
+    # K_g: 32 (from 16) lifted the global-only path by 1.15 dB and its class accuracy from 0.39
+    # to 0.72 (docs/results/tokenizer-quality.md); each global token is then two patches' region
     num_global: int = 32  # K_g
     num_local: int = 8  # K_l, 1D local tokens
     global_dim: int = 8  # c_g, code dim (for FSQ: len(fsq_levels))

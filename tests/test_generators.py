@@ -70,10 +70,14 @@ def test_pipeline_generate_with_each_conditioning(cond):
 
 def test_pipeline_generate_forwards_sampling_options():
     m = SelfBootTok(small()).eval()
+    torch.manual_seed(0)
+    for p in m.generators.parameters():  # random weights: at init (zero heads) guidance changes nothing
+        p.data.normal_(0, 0.2)
     for kind in KINDS:
         base = m.generate([0, 7], steps=3, guidance=3.0, generator=kind, seed=1)
         same = m.generate([0, 7], steps=3, guidance=3.0, generator=kind, seed=1, guidance_schedule="constant")
-        assert torch.equal(base, same)
+        linear = m.generate([0, 7], steps=3, guidance=3.0, generator=kind, seed=1, guidance_schedule="linear")
+        assert torch.equal(base, same) and not torch.equal(base, linear)  # the option reaches the sampler
         with pytest.raises(ValueError, match="guidance_schedule"):
             m.generate([0, 7], steps=3, guidance=3.0, generator=kind, guidance_schedule="cubic")
     with pytest.raises(ValueError, match="maskgit_choice_temperature"):

@@ -256,7 +256,7 @@ class ARGenerator(_TokenTransformer):
     def generate(self, labels, guidance=0.0, temperature=1.0, top_k=None, top_p=None,
                  generator=None, *, guidance_schedule=None):
         schedule = self._schedule(guidance_schedule)
-        B, T = labels.shape[0], self.seq_len
+        T = self.seq_len
         lab = labels if guidance == 0 else torch.cat([labels, self.null(labels)])
         cache = KVCache(T + 1)
         x = self.embed(lab.new_zeros(len(lab), 0), lab)

@@ -151,12 +151,12 @@ def _attn_fwd(
     NUM_CHUNKS: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, INTERPRET: tl.constexpr,
     ROW64: tl.constexpr,
 ):
-    # one program per (query tile, batch*head), the query tile fastest so that programs running
-    # together read the same keys (L2)
     if ROW64:  # some row offset passes 2**31 elements
         sqm = _i64(sqm)
     sk0n, sk1n, sk2n, sk3n, sv0n, sv1n, sv2n, sv3n = _key_strides(
         sk0n, sk1n, sk2n, sk3n, sv0n, sv1n, sv2n, sv3n, ROW64)
+    # one program per (query tile, batch*head), the query tile fastest so that programs running
+    # together read the same keys (L2)
     bh, b, h, start_m, offs_m = _query_rows(Lq, H, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     md_mask = (offs_m < Lq)[:, None] & (offs_d < HEAD_DIM)[None, :]
