@@ -16,9 +16,9 @@ __all__ = ["ViTConfig", "TrainConfig", "LossConfig", "SelfBootTokConfig"]
 class ViTConfig:
     """The size of one transformer (the encoder, the decoders or the generators)."""
 
-    width: int = 128
+    width: int = 128  # a multiple of 4 (2D sin-cos positions) and of `heads`
     depth: int = 2
-    heads: int = 4
+    heads: int = 4  # head dim = width / heads: a multiple of 8, at most 128 (the attention kernels)
     mlp_ratio: float = 4.0
 
 
@@ -62,8 +62,8 @@ class TrainConfig:
     stage2_full_path: bool = True
     grad_clip: float = 1.0
     grad_accum: int = 1
-    ema_decay: float = 0.999
-    log_every: int = 25
+    ema_decay: float = 0.999  # of the exported weights, warmed up as (1 + step) / (10 + step)
+    log_every: int = 25  # steps between metric lines
     sample_every: int = 250
     ckpt_every: int = 250
     num_workers: int = 0
@@ -116,11 +116,12 @@ class SelfBootTokConfig:
     # MaskGIT: scale of the Gumbel noise on the confidences that pick the kept samples (annealed
     # to 0 over the rounds); None: the sampling temperature
     maskgit_choice_temperature: float | None = None
-    w_rec: float = 1.0
-    w_rec_boot: float = 1.0
-    w_boot: float = 1.0
-    w_quant: float = 1.0
-    w_align: float = 0.1
+    # loss weights (training/losses.py)
+    w_rec: float = 1.0  # reconstruction from the global and the true local tokens
+    w_rec_boot: float = 1.0  # reconstruction from the global tokens and bootstrapped local ones
+    w_boot: float = 1.0  # the bootstrap decoder's prediction of the local tokens
+    w_quant: float = 1.0  # codebook and commitment terms
+    w_align: float = 0.1  # OT alignment of the 1D local tokens
     seed: int = 0
     # the pixel decoder's output head: "linear" maps each token to its patch's pixels; "conv"
     # maps it to `head_channels` features per pixel, lays them out (depth-to-space) and refines

@@ -194,20 +194,30 @@ def _attn_fwd(
 
 
 @triton.jit
-def _bwd_kv_tile(
-    Qb, sqm, DOb, sdom, Lse_bh, Delta_bh, Kb, Vb, sk, sv, DKb, DVb, Lc, koff, start_n, Mask_row,
-    Lq, Lk, qk_scale, scale,
+def _attn_bwd_kv(
+    Q, sqb, sqh, sqm, DO, sdob, sdoh, sdom, Lse, Delta,
+    K, V, DK, DV, skb, skh, skn, svb, svh, svn, Lc, koff,
+    Mask, H, Lq, Lk, qk_scale, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, INTERPRET: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, INTERPRET: tl.constexpr, ROW64: tl.constexpr,
 ):
-    # dK, dV of one key tile of one chunk, looping over the query tiles that can see it
+    # dK, dV of one key tile of one chunk (starting at key koff), looping over the query tiles
+    # that can see it; one launch per chunk, since a chunk's gradients read only its own keys
+    t, bh = _program_tile(tl.cdiv(Lc, BLOCK_N))
+    b, h = bh // H, bh % H
+    if ROW64:  # some row offset passes 2**31 elements
+        sqm, sdom, skn, svn = _i64(sqm), _i64(sdom), _i64(skn), _i64(svn)
+    Qb = Q + b * sqb + h * sqh
+    DOb = DO + b * sdob + h * sdoh
+    Lse_bh = Lse + bh * Lq
+    Delta_bh = Delta + bh * Lq
+    Mask_row = Mask + b * Lk
+    start_n = t * BLOCK_N
     offs_m = tl.arange(0, BLOCK_M)
-    offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < HEAD_DIM
-    nd_mask = (offs_n < Lc)[:, None] & dmask[None, :]
-    k = tl.load(Kb + offs_n[:, None] * sk + offs_d[None, :], mask=nd_mask, other=0.0)
-    v = tl.load(Vb + offs_n[:, None] * sv + offs_d[None, :], mask=nd_mask, other=0.0)
+    offs_n, k, v = _key_rows(K + b * skb + h * skh, V + b * svb + h * svh, skn, svn, start_n, Lc,
+                             BLOCK_N, BLOCK_D, HEAD_DIM)
     key_ok = _key_ok(Mask_row, koff, offs_n, Lc, HAS_MASK)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -234,66 +244,10 @@ def _bwd_kv_tile(
         dsT = pT * (dpT - delta[None, :])
         dk += _dot(_cast(dsT, qT.dtype, INTERPRET), tl.trans(qT), INTERPRET)
     dk = dk * scale
-    offs = offs_n[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(DKb + offs, _cast(dk, DKb.dtype.element_ty, INTERPRET), mask=nd_mask)
-    tl.store(DVb + offs, _cast(dv, DVb.dtype.element_ty, INTERPRET), mask=nd_mask)
-
-
-@triton.jit
-def _attn_bwd_kv(
-    Q, sqb, sqh, sqm, DO, sdob, sdoh, sdom, Lse, Delta,
-    K0, V0, DK0, DV0, sk0b, sk0h, sk0n, sv0b, sv0h, sv0n, L0,
-    K1, V1, DK1, DV1, sk1b, sk1h, sk1n, sv1b, sv1h, sv1n, L1,
-    K2, V2, DK2, DV2, sk2b, sk2h, sk2n, sv2b, sv2h, sv2n, L2,
-    K3, V3, DK3, DV3, sk3b, sk3h, sk3n, sv3b, sv3h, sv3n, L3,
-    Mask, H, Lq, Lk, qk_scale, scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
-    NUM_CHUNKS: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, INTERPRET: tl.constexpr,
-    ROW64: tl.constexpr,
-):
-    # one program per (key tile, batch*head); the key tiles of chunk c are [T_c, T_c+1)
-    T1 = tl.cdiv(L0, BLOCK_N)
-    T2 = T1 + tl.cdiv(L1, BLOCK_N)
-    T3 = T2 + tl.cdiv(L2, BLOCK_N)
-    T4 = T3 + tl.cdiv(L3, BLOCK_N)
-    t, bh = _program_tile(T4)
-    b, h = bh // H, bh % H
-    if ROW64:  # some row offset passes 2**31 elements
-        sqm, sdom = _i64(sqm), _i64(sdom)
-    sk0n, sk1n, sk2n, sk3n, sv0n, sv1n, sv2n, sv3n = _key_strides(
-        sk0n, sk1n, sk2n, sk3n, sv0n, sv1n, sv2n, sv3n, ROW64)
-    Qb = Q + b * sqb + h * sqh
-    DOb = DO + b * sdob + h * sdoh
-    Lse_bh = Lse + bh * Lq
-    Delta_bh = Delta + bh * Lq
-    Mask_row = Mask + b * Lk
-    if t < T1:
-        _bwd_kv_tile(
-            Qb, sqm, DOb, sdom, Lse_bh, Delta_bh, K0 + b * sk0b + h * sk0h, V0 + b * sv0b + h * sv0h,
-            sk0n, sv0n, DK0 + bh * L0 * HEAD_DIM, DV0 + bh * L0 * HEAD_DIM, L0, 0, t * BLOCK_N,
-            Mask_row, Lq, Lk, qk_scale, scale,
-            BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, CAUSAL, HAS_MASK, INTERPRET)
-    if NUM_CHUNKS > 1:
-        if (t >= T1) & (t < T2):
-            _bwd_kv_tile(
-                Qb, sqm, DOb, sdom, Lse_bh, Delta_bh, K1 + b * sk1b + h * sk1h, V1 + b * sv1b + h * sv1h,
-                sk1n, sv1n, DK1 + bh * L1 * HEAD_DIM, DV1 + bh * L1 * HEAD_DIM, L1, L0, (t - T1) * BLOCK_N,
-                Mask_row, Lq, Lk, qk_scale, scale,
-                BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, CAUSAL, HAS_MASK, INTERPRET)
-    if NUM_CHUNKS > 2:
-        if (t >= T2) & (t < T3):
-            _bwd_kv_tile(
-                Qb, sqm, DOb, sdom, Lse_bh, Delta_bh, K2 + b * sk2b + h * sk2h, V2 + b * sv2b + h * sv2h,
-                sk2n, sv2n, DK2 + bh * L2 * HEAD_DIM, DV2 + bh * L2 * HEAD_DIM, L2, L0 + L1,
-                (t - T2) * BLOCK_N, Mask_row, Lq, Lk, qk_scale, scale,
-                BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, CAUSAL, HAS_MASK, INTERPRET)
-    if NUM_CHUNKS > 3:
-        if t >= T3:
-            _bwd_kv_tile(
-                Qb, sqm, DOb, sdom, Lse_bh, Delta_bh, K3 + b * sk3b + h * sk3h, V3 + b * sv3b + h * sv3h,
-                sk3n, sv3n, DK3 + bh * L3 * HEAD_DIM, DV3 + bh * L3 * HEAD_DIM, L3, L0 + L1 + L2,
-                (t - T3) * BLOCK_N, Mask_row, Lq, Lk, qk_scale, scale,
-                BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM, CAUSAL, HAS_MASK, INTERPRET)
+    offs = bh * Lc * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+    nd_mask = (offs_n < Lc)[:, None] & dmask[None, :]
+    tl.store(DK + offs, _cast(dk, DK.dtype.element_ty, INTERPRET), mask=nd_mask)
+    tl.store(DV + offs, _cast(dv, DV.dtype.element_ty, INTERPRET), mask=nd_mask)
 
 
 @triton.jit
@@ -419,20 +373,16 @@ def _check(q, ks, vs, key_padding_mask, *more):
     return B, H, Lq, D, Lk
 
 
-def _chunk_args(ks, vs, dks=None, dvs=None):
-    """(number of non-empty chunks, their lengths, kernel arguments for MAX_CHUNKS slots).
-    Empty chunks are dropped; unused slots repeat the first chunk with length 0 (compiled out)."""
+def _chunk_args(ks, vs):
+    """(number of non-empty chunks, kernel arguments for MAX_CHUNKS slots). Empty chunks are
+    dropped; unused slots repeat the first chunk with length 0 (compiled out)."""
     live = [i for i, k in enumerate(ks) if k.shape[2] > 0]
     args = []
     for c in range(MAX_CHUNKS):
         i = live[c] if c < len(live) else live[0]
         k, v = ks[i], vs[i]
-        args += [k, v]
-        if dks is not None:
-            args += [dks[i], dvs[i]]
-        args += [k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2)]
-        args.append(k.shape[2] if c < len(live) else 0)
-    return len(live), [ks[i].shape[2] for i in live], args
+        args += [k, v, *k.stride()[:3], *v.stride()[:3], k.shape[2] if c < len(live) else 0]
+    return len(live), args
 
 
 def _meta(q, ks, vs, key_padding_mask, causal, n_chunks, *more):
@@ -453,7 +403,7 @@ def attention_fwd(q, ks, vs, key_padding_mask, causal: bool, scale: float):
     B, H, Lq, D, Lk = _check(q, ks, vs, key_padding_mask)
     out = torch.empty(B, H, Lq, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
-    n, _, chunk_args = _chunk_args(ks, vs)
+    n, chunk_args = _chunk_args(ks, vs)
     BLOCK_M, BLOCK_N, warps, stages = _blocks("fwd", D, q.dtype)
     _attn_fwd[(triton.cdiv(Lq, BLOCK_M) * B * H,)](
         q, q.stride(0), q.stride(1), q.stride(2), *chunk_args,
@@ -474,18 +424,23 @@ def attention_bwd(q, ks, vs, key_padding_mask, causal, scale, out, lse, dout, de
     dq = torch.empty(B, H, Lq, D, dtype=q.dtype, device=q.device)
     dks = [torch.empty(k.shape, dtype=q.dtype, device=q.device) for k in ks]
     dvs = [torch.empty(v.shape, dtype=q.dtype, device=q.device) for v in vs]
-    n, lengths, kv_args = _chunk_args(ks, vs, dks, dvs)
-    _, _, q_args = _chunk_args(ks, vs)
+    n, q_args = _chunk_args(ks, vs)
     meta = _meta(q, ks, vs, key_padding_mask, causal, n, dout)
     mask = _mask_arg(q, key_padding_mask)
     qdo = (q, q.stride(0), q.stride(1), q.stride(2), dout, dout.stride(0), dout.stride(1), dout.stride(2))
 
     BLOCK_M, BLOCK_N, warps, stages = _blocks("kv", D, q.dtype)
-    tiles = sum(triton.cdiv(L, BLOCK_N) for L in lengths)
-    _attn_bwd_kv[(tiles * B * H,)](
-        *qdo, lse, delta, *kv_args, mask, H, Lq, Lk, float(scale) * _LOG2E.value, float(scale),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=warps, num_stages=stages, **meta,
-    )
+    kv_meta = {k: v for k, v in meta.items() if k != "NUM_CHUNKS"}
+    koff = 0
+    for k, v, dk, dv in zip(ks, vs, dks, dvs):
+        Lc = k.shape[2]
+        if Lc:
+            _attn_bwd_kv[(triton.cdiv(Lc, BLOCK_N) * B * H,)](
+                *qdo, lse, delta, k, v, dk, dv, *k.stride()[:3], *v.stride()[:3], Lc, koff,
+                mask, H, Lq, Lk, float(scale) * _LOG2E.value, float(scale),
+                BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=warps, num_stages=stages, **kv_meta,
+            )
+        koff += Lc
     BLOCK_M, BLOCK_N, warps, stages = _blocks("q", D, q.dtype)
     _attn_bwd_q[(triton.cdiv(Lq, BLOCK_M) * B * H,)](
         *qdo, lse, delta, dq, *q_args, mask, H, Lq, Lk, float(scale) * _LOG2E.value, float(scale),
