@@ -97,6 +97,9 @@ class SelfBootTokConfig:
     # positions), and the decoders' grid cells from their region's code; learned queries were
     # slower to hold the layout (docs/results/tokenizer-quality.md)
     query_init: str = "pooled"
+    # with "pooled": the last this many global tokens start from learned queries instead, free
+    # of any one region, for image-wide factors (class, size, rotation)
+    learned_global: int = 0
     ot_eps: float = 0.05
     ot_iters: int = 50
     softmax_tau: float = 0.1
@@ -172,6 +175,11 @@ class SelfBootTokConfig:
         return len(self.fsq_levels) if self.quantizer == "fsq" else self.global_dim
 
     @property
+    def num_pooled(self) -> int:
+        """Quantized tokens that start from a pooled region (the first ones)."""
+        return self.num_quantized - self.learned_global if self.query_init == "pooled" else 0
+
+    @property
     def num_quantized(self) -> int:
         """Tokens the tokenizer quantizes, and the generator's sequence length."""
         return self.num_global + (self.num_local if self.generator_tokens == "all" else 0)
@@ -200,6 +208,10 @@ class SelfBootTokConfig:
         need(0 <= self.loss.gan_start < 1, f"loss.gan_start must be in [0, 1), got {self.loss.gan_start}")
         need(self.query_init in ("learned", "pooled"),
              f"query_init must be 'learned' or 'pooled', got {self.query_init!r}")
+        need(0 <= self.learned_global < self.num_global,
+             f"learned_global must be in [0, num_global={self.num_global}), got {self.learned_global}")
+        need(self.learned_global == 0 or self.query_init == "pooled",
+             "learned_global needs query_init='pooled' (with 'learned' every query is learned)")
         need(self.generator_tokens in ("global", "all"),
              f"generator_tokens must be 'global' or 'all', got {self.generator_tokens!r}")
         need(len(self.generators) > 0 and all(g in ("maskgit", "ar") for g in self.generators),

@@ -61,7 +61,8 @@ def test_b64_on_meta():
 
 @pytest.mark.parametrize("overrides", [{}, {"quantizer": "fsq"}, {"alignment": "softmax"}, {"query_init": "learned"},
                                        {"alignment": "avgpool", "ema_teacher": 0.9},
-                                       {"generator_tokens": "all"}])
+                                       {"generator_tokens": "all"}, {"num_global": 36, "learned_global": 4},
+                                       {"generator_tokens": "all", "learned_global": 4}])
 def test_stage1_gradients_reach_every_parameter(gen, overrides):
     m = SelfBootTok(tiny(**overrides)).train()
     losses = stage1_losses(m, images(gen, 2))
@@ -77,6 +78,28 @@ def test_stage1_gradients_reach_every_parameter(gen, overrides):
         torch.optim.SGD(m.parameters(), lr=0.1).step()
         update_teacher(m)
         assert any(not torch.equal(a, b) for a, b in zip(before, m.teacher.parameters()))
+
+
+def test_learned_global_tokens_are_free_of_regions(gen):
+    c = tiny(num_global=36, learned_global=4)
+    assert c.num_pooled == 32
+    m = SelfBootTok(c).eval()
+    assert int(m.tokenizer.decoder.region.max()) == 31 and int(m.bootstrap.region.max()) == 31
+    # only the pooled queries change with the image before attention: blank the learned ones'
+    # inputs and the pooled ones' differ between two images, the learned ones' do not
+    enc = m.tokenizer.encoder
+    seen = []
+    handle = enc.vit.register_forward_pre_hook(lambda mod, args: seen.append(args[0][:, enc.n_patches:]))
+    with torch.no_grad():
+        enc(images(gen, 1))
+        enc(images(gen, 1))
+    handle.remove()
+    a, b = seen
+    assert not torch.allclose(a[:, :32], b[:, :32]) and torch.equal(a[:, 32:], b[:, 32:])
+    for bad, message in (({"learned_global": 36, "num_global": 36}, r"learned_global must be in \[0, num_global=36\)"),
+                         ({"learned_global": 2, "query_init": "learned"}, "learned_global needs query_init='pooled'")):
+        with pytest.raises(ValueError, match=message):
+            tiny(**bad)
 
 
 def test_global_warmup_losses_leave_out_the_full_path(gen):

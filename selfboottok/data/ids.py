@@ -26,7 +26,8 @@ MANIFEST = "manifest.json"
 # config fields that change the ids for the same weights (the rest of the tokenizer's
 # structure shows in its parameters' names and shapes)
 ID_FIELDS = ("image_size", "patch_size", "channels", "num_global", "num_local", "global_dim",
-             "codebook_size", "quantizer", "fsq_levels", "query_init", "generator_tokens", "encoder")
+             "codebook_size", "quantizer", "fsq_levels", "query_init", "learned_global", "generator_tokens",
+             "encoder")
 # what must agree for a resumed `write_ids` to continue the same output
 SAME_RUN = ("tokenizer", "source", "n", "shard_size", "seq_len", "vocab_size", "ids_dtype")
 

@@ -26,8 +26,8 @@ class BootstrapDecoder(nn.Module):
         self.vit = Transformer(vit.width, vit.depth, vit.heads, vit.mlp_ratio, cross=True)
         self.out_1d = nn.Linear(vit.width, config.local_dim)
         self.out_2d = nn.Linear(vit.width, config.local_2d_dim)
-        if config.query_init == "pooled":  # as in the pixel decoder
-            self.register_buffer("region", region_index(config.grid, config.num_global), persistent=False)
+        if config.num_pooled:  # as in the pixel decoder
+            self.register_buffer("region", region_index(config.grid, config.num_pooled), persistent=False)
         else:
             self.region = None
         init_weights(self)

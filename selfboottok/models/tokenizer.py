@@ -41,7 +41,7 @@ class Encoder(nn.Module):
         self.query_pos = nn.Parameter(torch.zeros(n_queries, vit.width))
         self.vit = Transformer(vit.width, vit.depth, vit.heads, vit.mlp_ratio)
         self.n_patches, self.grid = config.num_patches, config.grid
-        self.n_pooled = config.num_quantized if config.query_init == "pooled" else 0
+        self.n_pooled = config.num_pooled
 
     def forward(self, images):
         content = self.patch(images)
@@ -80,8 +80,8 @@ class PixelDecoder(nn.Module):
                                 config.head_channels, config.head_blocks, skip)
         else:
             self.out = nn.Linear(vit.width, config.patch_size**2 * config.channels)
-        if config.query_init == "pooled":  # grid cell p starts from the code of its region
-            self.register_buffer("region", region_index(config.grid, config.num_quantized), persistent=False)
+        if config.num_pooled:  # grid cell p starts from the code of its region
+            self.register_buffer("region", region_index(config.grid, config.num_pooled), persistent=False)
         else:
             self.region = None
 
