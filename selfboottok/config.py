@@ -91,6 +91,9 @@ class SelfBootTokConfig:
     dead_code_steps: int = 10  # training forwards without a hit before a code is restarted
     local_dim: int = 16  # c_l
     local_2d_dim: int = 8  # c_2, per patch
+    # the 2D local tokens also take a linear map of their patch's pixels, a direct path for the
+    # detail beside the encoder's features
+    local_2d_pixels: bool = False
     local_norm: str = "layer"  # fixed scale of the local tokens: "layer" | "rms" | "none"
     alignment: str = "ot"  # "ot" | "avgpool" | "softmax"
     # "pooled": each quantized query starts from one region's mean patch embedding (content, no

@@ -62,7 +62,8 @@ def test_b64_on_meta():
 @pytest.mark.parametrize("overrides", [{}, {"quantizer": "fsq"}, {"alignment": "softmax"}, {"query_init": "learned"},
                                        {"alignment": "avgpool", "ema_teacher": 0.9},
                                        {"generator_tokens": "all"}, {"num_global": 36, "learned_global": 4},
-                                       {"generator_tokens": "all", "learned_global": 4}])
+                                       {"generator_tokens": "all", "learned_global": 4},
+                                       {"local_2d_pixels": True, "head_local_2d": True}])
 def test_stage1_gradients_reach_every_parameter(gen, overrides):
     m = SelfBootTok(tiny(**overrides)).train()
     losses = stage1_losses(m, images(gen, 2))

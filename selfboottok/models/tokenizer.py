@@ -124,6 +124,10 @@ class Tokenizer(nn.Module):
             self.to_slot = nn.Linear(width, config.local_dim)
             self.to_feat = nn.Linear(width, config.local_dim)
             self.to_2d = nn.Linear(width, config.local_2d_dim)
+            self.pixels_2d = None
+            if config.local_2d_pixels:
+                self.pixels_2d = nn.Conv2d(config.channels, config.local_2d_dim, config.patch_size,
+                                           stride=config.patch_size)
             self.alignment = Alignment(config.alignment, config.ot_eps, config.ot_iters,
                                        config.softmax_tau)
         self.decoder = PixelDecoder(config)
@@ -141,6 +145,8 @@ class Tokenizer(nn.Module):
         # fixed-scale local tokens, so the bootstrap loss cannot shrink by rescaling them
         local_1d = local_norm(aligned.tokens, self.config.local_norm)
         local_2d = self.to_2d(feats)
+        if self.pixels_2d is not None:
+            local_2d = local_2d + self.pixels_2d(images).flatten(2).transpose(1, 2)
         local_2d = local_norm(local_2d, self.config.local_norm)
         return Encoded(q.codes, q.ids, local_1d, local_2d, q.loss, aligned.loss, q.perplexity,
                        q.usage, aligned.slot_mass)
