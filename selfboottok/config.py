@@ -9,7 +9,11 @@ from pathlib import Path
 
 import yaml
 
-__all__ = ["ViTConfig", "TrainConfig", "LossConfig", "SelfBootTokConfig"]
+__all__ = ["ViTConfig", "TrainConfig", "LossConfig", "SelfBootTokConfig", "ADDED_FIELDS"]
+
+# fields added after models were first saved, each with the value that rebuilds a model saved
+# before it (a saved config lists every field it had, so a missing one means an older model)
+ADDED_FIELDS = {"local_2d_pixels": False}
 
 
 @dataclass
@@ -276,6 +280,15 @@ class SelfBootTokConfig:
             base = data.pop("preset")
             return cls.preset(base, **_merge(data, overrides))
         return cls.from_dict(_merge(cls().to_dict(), _merge(data, overrides)))
+
+    @classmethod
+    def load_saved(cls, path) -> "SelfBootTokConfig":
+        """The config of a saved model: as `load`, except that a field the model predates takes
+        the value it was built with (`ADDED_FIELDS`), not today's default."""
+        path = Path(path)
+        data = yaml.safe_load(path.read_text()) if path.is_file() else None
+        older = {k: v for k, v in ADDED_FIELDS.items() if isinstance(data, dict) and k not in data}
+        return cls.load(path, **older)
 
 
 def _build(cls, d: dict, where: str):

@@ -201,7 +201,7 @@ class SelfBootTok(nn.Module, ModelHubMixin, library_name="selfboottok",
         for name in (CONFIG, WEIGHTS):
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"{directory} is not a SelfBootTok model: {name} is missing")
-        model = cls(SelfBootTokConfig.load(directory / CONFIG))
+        model = cls(SelfBootTokConfig.load_saved(directory / CONFIG))
         try:
             load_model(model, str(directory / WEIGHTS), strict=True, device=str(map_location))
         except Exception as exc:

@@ -189,6 +189,23 @@ def test_save_load_round_trip(model, gen, tmp_path):
         SelfBootTok.from_pretrained(tmp_path / "missing")
 
 
+def test_models_saved_before_a_new_field_load_as_they_were_built(gen, tmp_path):
+    import json
+
+    from selfboottok.config import ADDED_FIELDS
+
+    old = SelfBootTok(tiny(**ADDED_FIELDS)).eval()
+    old.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    for name in ADDED_FIELDS:
+        del saved[name]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    loaded = SelfBootTok.from_pretrained(tmp_path)
+    assert loaded.config == old.config and loaded.tokenizer.pixels_2d is None
+    x = images(gen, 2)
+    assert torch.equal(loaded.reconstruct(x), old.reconstruct(x))
+
+
 def test_seeded_runs_are_deterministic(gen):
     x = images(gen, 2)
     runs = []
