@@ -27,33 +27,32 @@ import torch.nn.functional as F
 from _common import RESULTS, elapsed, log
 from selfboottok.data.synthetic import SyntheticShapes, render_shapes
 from selfboottok.eval.domain import domain_evaluator
-from selfboottok.eval.metrics import psnr
+from selfboottok.eval.metrics import _gaussian_window, psnr
 
 SIGMAS = (0.4, 0.5, 0.6, 0.75, 1.0)
 PCA_DIMS = (4, 8, 12, 16, 24)
 PATCH = 4
 
 
-def gaussian_blur(images, sigma):
-    r = 3
-    k = torch.exp(-torch.arange(-r, r + 1.0) ** 2 / (2 * sigma * sigma))
-    k = (k / k.sum()).to(images.dtype)
-    C = images.shape[1]
+def gaussian_blur(images, sigma, size=7):
+    """Separable Gaussian blur with edge padding: images [B,C,S,S], sigma in pixels."""
+    g = _gaussian_window(size, sigma, images.dtype, images.device)
+    C, r = images.shape[1], size // 2
     x = F.pad(images, (r, r, r, r), mode="replicate")
-    x = F.conv2d(x, k.view(1, 1, 1, -1).repeat(C, 1, 1, 1), groups=C)
-    return F.conv2d(x, k.view(1, 1, -1, 1).repeat(C, 1, 1, 1), groups=C)
+    x = F.conv2d(x, g.view(1, 1, 1, -1).repeat(C, 1, 1, 1), groups=C)
+    return F.conv2d(x, g.view(1, 1, -1, 1).repeat(C, 1, 1, 1), groups=C)
 
 
 def to_patches(images):
-    B, C, S, _ = images.shape
-    g = S // PATCH
-    return images.view(B, C, g, PATCH, g, PATCH).permute(0, 2, 4, 1, 3, 5).reshape(B * g * g, -1)
+    """[B,C,S,S] -> [B * patches, C * PATCH * PATCH]."""
+    cols = F.unfold(images, PATCH, stride=PATCH)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
 def from_patches(rows, like):
-    B, C, S, _ = like.shape
-    g = S // PATCH
-    return rows.view(B, g, g, C, PATCH, PATCH).permute(0, 3, 1, 4, 2, 5).reshape(like.shape)
+    B, _, S, _ = like.shape
+    cols = rows.view(B, -1, rows.shape[1]).transpose(1, 2)
+    return F.fold(cols, (S, S), PATCH, stride=PATCH)
 
 
 def main(argv=None):

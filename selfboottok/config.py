@@ -326,7 +326,8 @@ PRESETS: dict[str, dict] = {
     "b64": {
         "image_size": 256, "patch_size": 16, "num_classes": 1000,
         "num_global": 64, "num_local": 48, "global_dim": 12, "codebook_size": 4096,
-        "local_dim": 16, "local_2d_dim": 8, "local_2d_pixels": False, "head_local_2d": False,  # not measured at 256
+        # the plain 2D local tokens: the tiny preset's direct paths were not measured at 256
+        "local_dim": 16, "local_2d_dim": 8, "local_2d_pixels": False, "head_local_2d": False,
         "encoder": {"width": 768, "depth": 12, "heads": 12},
         "decoder": {"width": 768, "depth": 12, "heads": 12},
         "bootstrap": {"width": 768, "depth": 8, "heads": 12},

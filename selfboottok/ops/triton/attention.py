@@ -430,7 +430,8 @@ def attention_bwd(q, ks, vs, key_padding_mask, causal, scale, out, lse, dout, de
     qdo = (q, q.stride(0), q.stride(1), q.stride(2), dout, dout.stride(0), dout.stride(1), dout.stride(2))
 
     BLOCK_M, BLOCK_N, warps, stages = _blocks("kv", D, q.dtype)
-    kv_meta = {k: v for k, v in meta.items() if k != "NUM_CHUNKS"}
+    kv_meta = dict(meta)
+    del kv_meta["NUM_CHUNKS"]  # one chunk a launch
     koff = 0
     for k, v, dk, dv in zip(ks, vs, dks, dvs):
         Lc = k.shape[2]
