@@ -189,6 +189,20 @@ def test_save_load_round_trip(model, gen, tmp_path):
         SelfBootTok.from_pretrained(tmp_path / "missing")
 
 
+def test_baseline_mode_ignores_the_local_token_settings(gen):
+    """Baseline mode has no local tokens, so its models and losses do not depend on their settings
+    (the quality report reuses baseline models across them)."""
+    x = images(gen, 2)
+    runs = []
+    for local in ({}, {"local_2d_dim": 16, "local_2d_pixels": False, "head_local_2d": False}):
+        torch.manual_seed(0)
+        m = SelfBootTok(tiny(generator_tokens="all", **local))
+        runs.append((m.state_dict(), stage1_losses(m, x)["loss"]))
+    (a, loss_a), (b, loss_b) = runs
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(loss_a, loss_b)
+
+
 def test_models_saved_before_a_new_field_load_as_they_were_built(gen, tmp_path):
     import json
 
