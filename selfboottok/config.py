@@ -13,7 +13,7 @@ __all__ = ["ViTConfig", "TrainConfig", "LossConfig", "SelfBootTokConfig", "ADDED
 
 # fields added after models were first saved, each with the value that rebuilds a model saved
 # before it (a saved config lists every field it had, so a missing one means an older model)
-ADDED_FIELDS = {"local_2d_pixels": False}
+ADDED_FIELDS = {"local_2d_pixels": False, "bootstrap_norm": True, "unpack_codes": False}
 
 
 @dataclass
@@ -64,6 +64,8 @@ class TrainConfig:
     cache_tokens: bool = True
     # the stage-2 decoder job also trains the pixel decoder on the true local tokens
     stage2_full_path: bool = True
+    # peak LR of the stage-2 decoder job (bootstrap + pixel decoder on a frozen tokenizer)
+    decoder_lr: float = 5e-4
     grad_clip: float = 1.0
     grad_accum: int = 1
     ema_decay: float = 0.999  # of the exported weights, warmed up as (1 + step) / (10 + step)
@@ -102,6 +104,10 @@ class SelfBootTokConfig:
     # detail beside the encoder's features
     local_2d_pixels: bool = True
     local_norm: str = "layer"  # fixed scale of the local tokens: "layer" | "rms" | "none"
+    # the bootstrap decoder's predictions get that fixed scale too; False: they regress the
+    # normalised targets freely, so what the global tokens cannot predict shrinks toward its
+    # mean instead of being scaled back up to full size
+    bootstrap_norm: bool = True
     alignment: str = "ot"  # "ot" | "avgpool" | "softmax"
     # "pooled": each quantized query starts from one region's mean patch embedding (content, no
     # positions), and the decoders' grid cells from their region's code; learned queries were
@@ -110,6 +116,9 @@ class SelfBootTokConfig:
     # with "pooled": the last this many global tokens start from learned queries instead, free
     # of any one region, for image-wide factors (class, size, rotation)
     learned_global: int = 0
+    # with "pooled": each grid cell of the decoders reads its region's code through its own map,
+    # one per position inside the region, instead of the map all the region's cells share
+    unpack_codes: bool = False
     ot_eps: float = 0.05
     ot_iters: int = 50
     softmax_tau: float = 0.1
@@ -230,6 +239,8 @@ class SelfBootTokConfig:
                      "local_dim", "local_2d_dim", "ot_iters"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         need(self.ot_eps > 0, f"ot_eps must be > 0, got {self.ot_eps}")
+        for name in ("lr", "decoder_lr"):
+            need(getattr(self.train, name) > 0, f"train.{name} must be > 0, got {getattr(self.train, name)}")
         need(all(level >= 2 for level in self.fsq_levels), f"fsq_levels must be >= 2, got {self.fsq_levels}")
         need(0 <= self.ema_teacher < 1, f"ema_teacher must be in [0, 1), got {self.ema_teacher}")
         need(0 <= self.train.global_warmup < 1,
@@ -333,7 +344,7 @@ PRESETS: dict[str, dict] = {
         "bootstrap": {"width": 768, "depth": 8, "heads": 12},
         "generator": {"width": 768, "depth": 24, "heads": 16},
         "generators": ["maskgit"],
-        "train": {"batch_size": 256, "lr": 1e-4, "warmup_steps": 10000, "stage1_steps": 1000000,
+        "train": {"batch_size": 256, "lr": 1e-4, "decoder_lr": 1e-4, "warmup_steps": 10000, "stage1_steps": 1000000,
                   "stage2_steps": 500000, "log_every": 100, "sample_every": 5000, "ckpt_every": 5000},
     },
 }

@@ -63,7 +63,8 @@ def test_b64_on_meta():
                                        {"alignment": "avgpool", "ema_teacher": 0.9},
                                        {"generator_tokens": "all"}, {"num_global": 36, "learned_global": 4},
                                        {"generator_tokens": "all", "learned_global": 4},
-                                       {"local_2d_pixels": True, "head_local_2d": True}])
+                                       {"local_2d_pixels": True, "head_local_2d": True},
+                                       {"unpack_codes": True, "bootstrap_norm": False}])
 def test_stage1_gradients_reach_every_parameter(gen, overrides):
     m = SelfBootTok(tiny(**overrides)).train()
     losses = stage1_losses(m, images(gen, 2))
@@ -85,7 +86,7 @@ def test_learned_global_tokens_are_free_of_regions(gen):
     c = tiny(num_global=36, learned_global=4)
     assert c.num_pooled == 32
     m = SelfBootTok(c).eval()
-    assert int(m.tokenizer.decoder.region.max()) == 31 and int(m.bootstrap.region.max()) == 31
+    assert int(m.tokenizer.decoder.cells.region.max()) == 31 and int(m.bootstrap.cells.region.max()) == 31
     # only the pooled queries change with the image before attention: blank the learned ones'
     # inputs and the pooled ones' differ between two images, the learned ones' do not
     enc = m.tokenizer.encoder
@@ -338,6 +339,36 @@ def test_region_pool_is_the_mean_over_region_index(gen, grid, n):
     else:  # raster runs: each region's mean lies within its patches' range, in order
         centres = torch.stack([torch.arange(grid * grid, dtype=torch.float64)[idx == r].mean() for r in range(n)])
         assert torch.all(centres[1:] > centres[:-1])
+
+
+@pytest.mark.parametrize("grid,n", [(8, 32), (8, 16), (8, 24), (8, 64)])
+def test_region_cells_unpack_each_position_of_a_region(gen, grid, n):
+    from selfboottok.models.layers import RegionCells, region_index
+
+    codes = torch.randn(2, n, 5, generator=gen)
+    shared = RegionCells(grid, n, 5, 16, unpack=False)
+    own = RegionCells(grid, n, 5, 16, unpack=True)
+    codes_w = torch.randn(2, n, 16, generator=gen)
+    idx = region_index(grid, n)
+    torch.testing.assert_close(shared(codes, codes_w), codes_w[:, idx])
+    out = own(codes, codes_w)
+    assert out.shape == (2, grid * grid, 16) and own.slots == max((idx == r).sum() for r in range(n))
+    per_slot = own.unpack(codes).unflatten(-1, (own.slots, 16))
+    for p in range(grid * grid):  # cell p: its region's code through the map of its place there
+        place = int((idx[:p] == idx[p]).sum())
+        torch.testing.assert_close(out[:, p], per_slot[:, idx[p], place])
+
+
+def test_bootstrap_norm_off_leaves_the_predictions_free(gen):
+    x = images(gen, 2)
+    for norm in (True, False):
+        m = SelfBootTok(tiny(bootstrap_norm=norm)).eval()
+        with torch.no_grad():
+            b1, b2 = m.bootstrap(m.tokenizer.encode(x).codes)
+        for b in (b1, b2):
+            normed = torch.allclose(b.mean(-1), torch.zeros(()), atol=1e-5) and torch.allclose(
+                b.var(-1, unbiased=False), torch.ones(()), atol=1e-3)
+            assert normed == norm
 
 
 def test_hub_loading_and_push_offline(model, gen, tmp_path, monkeypatch):

@@ -128,8 +128,21 @@ def test_nan_loss_stops_cleanly(tmp_path):
         assert torch.isfinite(v.float()).all()
 
 
+def test_named_groups_train_at_their_own_lr(tmp_path):
+    m = SelfBootTok(small())
+    tok, boot = list(m.tokenizer.parameters()), list(m.bootstrap.parameters())
+    loop = TrainLoop(m, {"tokenizer": tok, "bootstrap": boot}, lambda m, b: stage1_losses(m, b[0]), 6,
+                     tmp_path, stage="stage1", max_steps=2, lrs={"bootstrap": 3e-3})
+    loop.run(data())  # step 2 of 6: the warmup is over, each group is at its peak
+    lr_of = {id(p): g["lr"] for g in loop.opt.param_groups for p in g["params"]}
+    assert all(lr_of[id(p)] == pytest.approx(3e-3) for p in boot)
+    assert all(lr_of[id(p)] == pytest.approx(m.config.train.lr) for p in tok)
+    with pytest.raises(ValueError, match=r"lrs names groups \['generator'\]"):
+        TrainLoop(m, {"tokenizer": tok}, lambda m, b: {}, 6, tmp_path, lrs={"generator": 1e-3})
+
+
 def test_stage2_freezes_the_tokenizer_and_merges(tmp_path):
-    cfg = small()
+    cfg = small(**{"train.decoder_lr": 2e-3})
     s1 = train_stage1(cfg, tmp_path / "s1", dataset=data(), max_steps=2)
     enc = {k: v.clone() for k, v in s1.tokenizer.encoder.state_dict().items()}
     both = train_stage2(None, tmp_path / "s1/model", tmp_path / "s2", dataset=data(), max_steps=2)
@@ -145,6 +158,9 @@ def test_stage2_freezes_the_tokenizer_and_merges(tmp_path):
     b = train_stage2(None, tmp_path / "s1/model", tmp_path / "b", parts=["bootstrap"], dataset=data(), max_steps=2)
     assert set(records(tmp_path / "g/metrics.jsonl")[-1]) >= {"gen_maskgit", "gen_ar"}
     assert "gen_ar" not in records(tmp_path / "b/metrics.jsonl")[-1]
+    # the decoder job at train.decoder_lr, the generator job at train.lr (step 2: peak LR)
+    assert records(tmp_path / "b/metrics.jsonl")[-1]["lr"] == pytest.approx(2e-3)
+    assert records(tmp_path / "g/metrics.jsonl")[-1]["lr"] == pytest.approx(cfg.train.lr)
     # the generator job trains on ids tokenized once; the same job re-tokenizing every batch
     # takes the same steps
     cfg_nc = SelfBootTok.from_pretrained(tmp_path / "s1/model").config.with_overrides(**{"train.cache_tokens": False})

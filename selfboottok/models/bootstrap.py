@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import LearnedQueries, Transformer, init_weights, local_norm, region_index, sincos_2d
+from .layers import LearnedQueries, Transformer, init_weights, local_norm, RegionCells, sincos_2d
 
 __all__ = ["BootstrapDecoder"]
 
@@ -17,7 +17,8 @@ class BootstrapDecoder(nn.Module):
     def __init__(self, config):
         super().__init__()
         vit = config.bootstrap
-        self.num_local, self.norm = config.num_local, config.local_norm
+        self.num_local = config.num_local
+        self.norm = config.local_norm if config.bootstrap_norm else "none"
         self.code_in = nn.Linear(config.code_dim, vit.width)
         self.code_pos = nn.Parameter(torch.zeros(config.num_global, vit.width))
         self.queries_1d = LearnedQueries(config.num_local, vit.width)
@@ -26,10 +27,10 @@ class BootstrapDecoder(nn.Module):
         self.vit = Transformer(vit.width, vit.depth, vit.heads, vit.mlp_ratio, cross=True)
         self.out_1d = nn.Linear(vit.width, config.local_dim)
         self.out_2d = nn.Linear(vit.width, config.local_2d_dim)
-        if config.num_pooled:  # as in the pixel decoder
-            self.register_buffer("region", region_index(config.grid, config.num_pooled), persistent=False)
-        else:
-            self.region = None
+        self.cells = None  # as in the pixel decoder
+        if config.num_pooled:
+            self.cells = RegionCells(config.grid, config.num_pooled, config.code_dim, vit.width,
+                                     config.unpack_codes)
         init_weights(self)
 
     def forward(self, codes):
@@ -37,8 +38,8 @@ class BootstrapDecoder(nn.Module):
         B = codes.shape[0]
         grid = self.grid_token.expand(B, self.pos.shape[0], -1) + self.pos
         codes_w = self.code_in(codes)
-        if self.region is not None:
-            grid = grid + codes_w[:, self.region]
+        if self.cells is not None:
+            grid = grid + self.cells(codes, codes_w)
         x = torch.cat([self.queries_1d(B), grid], 1)
         h = self.vit(x, codes_w + self.code_pos)
         local_1d = self.out_1d(h[:, : self.num_local])

@@ -9,7 +9,7 @@ from torch import nn
 
 from selfboottok.ops import MultiheadAttention
 
-__all__ = ["MultiheadAttention", "Block", "ResBlock", "ConvHead", "local_norm", "Transformer", "KVCache", "PatchEmbed", "LearnedQueries",
+__all__ = ["MultiheadAttention", "Block", "ResBlock", "ConvHead", "local_norm", "Transformer", "KVCache", "PatchEmbed", "LearnedQueries", "RegionCells",
            "sincos_2d", "unpatchify", "init_weights"]
 
 
@@ -209,6 +209,32 @@ def region_index(grid, n):
         r, c = i // grid, i % grid
         return (r * s // grid) * s + c * s // grid
     return i * n // (grid * grid)
+
+
+class RegionCells(nn.Module):
+    """What each grid cell of a decoder starts from: the code of the region it falls in, either
+    mapped once per region (`unpack=False`: every cell of a region gets the same vector) or by
+    one map per position inside the region (`unpack=True`), so a code can say something
+    different about each of its patches."""
+
+    def __init__(self, grid, n_regions, code_dim, width, unpack):
+        super().__init__()
+        region = region_index(grid, n_regions)
+        self.register_buffer("region", region, persistent=False)
+        slot = torch.zeros_like(region)  # position of each patch inside its region
+        for r in range(n_regions):
+            cells = (region == r).nonzero().flatten()
+            slot[cells] = torch.arange(len(cells))
+        self.register_buffer("slot", slot, persistent=False)
+        self.slots, self.width = int(slot.max()) + 1, width
+        self.unpack = nn.Linear(code_dim, width * self.slots) if unpack else None
+
+    def forward(self, codes, codes_w):
+        """codes [B, Q, c_g] and their shared map codes_w [B, Q, W] -> [B, N, W]."""
+        if self.unpack is None:
+            return codes_w[:, self.region]
+        per_slot = self.unpack(codes).unflatten(-1, (self.slots, self.width))
+        return per_slot[:, self.region, self.slot]
 
 
 def local_norm(x, kind: str):

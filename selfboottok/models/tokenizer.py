@@ -10,7 +10,7 @@ from torch import nn
 
 from .alignment import Alignment
 from .layers import (ConvHead, LearnedQueries, PatchEmbed, Transformer, init_weights, local_norm,
-                     region_index, region_pool, sincos_2d, unpatchify)
+                     RegionCells, region_pool, sincos_2d, unpatchify)
 from .quantizer import build_quantizer
 
 __all__ = ["Encoded", "Encoder", "PixelDecoder", "Tokenizer"]
@@ -80,10 +80,10 @@ class PixelDecoder(nn.Module):
                                 config.head_channels, config.head_blocks, skip)
         else:
             self.out = nn.Linear(vit.width, config.patch_size**2 * config.channels)
-        if config.num_pooled:  # grid cell p starts from the code of its region
-            self.register_buffer("region", region_index(config.grid, config.num_pooled), persistent=False)
-        else:
-            self.region = None
+        self.cells = None  # grid cell p starts from the code of its region
+        if config.num_pooled:
+            self.cells = RegionCells(config.grid, config.num_pooled, config.code_dim, vit.width,
+                                     config.unpack_codes)
 
     def last_layer(self) -> torch.Tensor:
         """The weight of the layer that outputs pixels (for the adaptive GAN weight)."""
@@ -93,8 +93,8 @@ class PixelDecoder(nn.Module):
         B = codes.shape[0]
         x = self.grid_token.expand(B, self.config.num_patches, -1) + self.pos
         codes_w = self.code_in(codes)
-        if self.region is not None:
-            x = x + codes_w[:, self.region]
+        if self.cells is not None:
+            x = x + self.cells(codes, codes_w)
         context = [codes_w + self.code_pos]
         if self.global_mode:
             x = x + self.local_2d_in(local_2d)

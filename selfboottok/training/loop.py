@@ -81,11 +81,12 @@ class TrainLoop:
     without gradients (DDP must look for them). `after_step(model)` runs after each optimizer
     step; a dict it returns is logged with the losses. `extra_state`: name -> an object with
     `state_dict`/`load_state_dict` (e.g. a discriminator) saved in and resumed from the
-    checkpoint."""
+    checkpoint. `lrs`: name of a group in `params` -> its peak learning rate (default
+    `train.lr`)."""
 
     def __init__(self, model, params, loss_fn, total_steps, out_dir, *, stage="train",
                  max_steps=None, sample_fn=None, after_step=None, device=None, find_unused=False,
-                 extra_state=None):
+                 extra_state=None, lrs=None):
         self.model, self.loss_fn, self.stage = model, loss_fn, stage
         self.extra_state = dict(extra_state or {})
         self.cfg = model.config.train
@@ -101,12 +102,19 @@ class TrainLoop:
         model.requires_grad_(False)
         for p in self.params:
             p.requires_grad_(True)
-        decay = [p for p in self.params if p.ndim >= 2]
-        no_decay = [p for p in self.params if p.ndim < 2]
-        self.opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.cfg.weight_decay},
-             {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.cfg.lr, betas=tuple(self.cfg.betas))
+        lrs = dict(lrs or {})
+        if set(lrs) - set(self.clip_groups):
+            raise ValueError(f"lrs names groups {sorted(set(lrs) - set(self.clip_groups))} "
+                             f"that are not in params ({sorted(self.clip_groups)})")
+        # one lr for all (the checkpoints' optimizer layout before `lrs`), or one per named group
+        by_lr = [(self.params, self.cfg.lr)] if not lrs else [
+            (ps, lrs.get(name, self.cfg.lr)) for name, ps in self.clip_groups.items()]
+        groups = []
+        for ps, lr in by_lr:
+            groups += [{"params": [p for p in ps if p.ndim >= 2], "weight_decay": self.cfg.weight_decay, "lr": lr},
+                       {"params": [p for p in ps if p.ndim < 2], "weight_decay": 0.0, "lr": lr}]
+        self.opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.cfg.lr,
+                                     betas=tuple(self.cfg.betas))
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, warmup_cosine(self.cfg.warmup_steps, self.total))
         self.ema = [p.detach().clone().float() for p in self.params]

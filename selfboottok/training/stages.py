@@ -157,7 +157,8 @@ def train_stage2(config: Optional[SelfBootTokConfig], init, out_dir, *, parts=PA
                      total_steps or config.train.stage2_steps, out_dir, stage="stage2",
                      max_steps=max_steps, sample_fn=samples, device=device,
                      after_step=(lambda m: adversary.discriminator_step()) if adversary else None,
-                     extra_state={"adversary": adversary} if adversary else None)
+                     extra_state={"adversary": adversary} if adversary else None,
+                     lrs={"bootstrap": config.train.decoder_lr} if groups.get("bootstrap") else None)
     loop.run(dataset, resume=resume)
     _export(loop, Path(out_dir) / "model")
     return model
@@ -187,6 +188,7 @@ def merge_stage2(generator_dir, bootstrap_dir, out_dir) -> SelfBootTok:
 
 def _same_tokenizer(a: SelfBootTokConfig, b: SelfBootTokConfig):
     keep = ("train", "loss", "generator", "generators", "class_dropout", "seed", "bootstrap",
+            "bootstrap_norm",
             "w_rec", "w_rec_boot", "w_boot", "w_quant", "w_align", "ema_teacher",
             "generator_cond", "maskgit_min_mask", "guidance_schedule", "maskgit_choice_temperature")
     da = {k: v for k, v in a.to_dict().items() if k not in keep}
