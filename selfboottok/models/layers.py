@@ -204,7 +204,7 @@ def region_pool(x, grid, n):
 def region_index(grid, n):
     """For each patch (raster order), the region of `region_pool` it falls in: LongTensor [grid^2]."""
     s = _region_side(grid, n)
-    i = torch.arange(grid * grid)
+    i = torch.arange(grid * grid, device="cpu")
     if s:
         r, c = i // grid, i % grid
         return (r * s // grid) * s + c * s // grid
@@ -219,14 +219,16 @@ class RegionCells(nn.Module):
 
     def __init__(self, grid, n_regions, code_dim, width, unpack):
         super().__init__()
-        region = region_index(grid, n_regions)
-        self.register_buffer("region", region, persistent=False)
-        slot = torch.zeros_like(region)  # position of each patch inside its region
-        for r in range(n_regions):
-            cells = (region == r).nonzero().flatten()
-            slot[cells] = torch.arange(len(cells))
-        self.register_buffer("slot", slot, persistent=False)
-        self.slots, self.width = int(slot.max()) + 1, width
+        region = region_index(grid, n_regions).tolist()  # plain numbers, also under a meta device
+        seen = [0] * n_regions
+        slot = []  # position of each patch inside its region
+        for r in region:
+            slot.append(seen[r])
+            seen[r] += 1
+        here = torch.empty(0).device
+        self.register_buffer("region", torch.tensor(region, device=here), persistent=False)
+        self.register_buffer("slot", torch.tensor(slot, device=here), persistent=False)
+        self.slots, self.width = max(seen), width
         self.unpack = nn.Linear(code_dim, width * self.slots) if unpack else None
 
     def forward(self, codes, codes_w):
