@@ -37,7 +37,8 @@ class LossConfig:
     ffl: float = 0.0  # focal frequency loss: spectrum errors weighted by their own size
     ffl_alpha: float = 1.0
     gan: float = 0.0  # hinge-loss PatchGAN generator term; 0 trains no discriminator
-    gan_start: float = 0.5  # fraction of stage 1 before the discriminator joins
+    # fraction of stage 1 before the discriminator joins; 1: only in the stage-2 decoder job
+    gan_start: float = 0.5
     gan_adaptive: bool = True  # scale the GAN term by |grad rec| / |grad gan| at the last layer
     lecam: float = 0.0  # LeCam regularisation of the discriminator
     disc_width: int = 32
@@ -224,7 +225,7 @@ class SelfBootTokConfig:
              f"head_channels must be >= 1 and head_blocks >= 0, got {self.head_channels}, {self.head_blocks}")
         for name in ("l2", "l1", "ssim", "ffl", "gan", "lecam"):
             need(getattr(self.loss, name) >= 0, f"loss.{name} must be >= 0, got {getattr(self.loss, name)}")
-        need(0 <= self.loss.gan_start < 1, f"loss.gan_start must be in [0, 1), got {self.loss.gan_start}")
+        need(0 <= self.loss.gan_start <= 1, f"loss.gan_start must be in [0, 1], got {self.loss.gan_start}")
         need(self.query_init in ("learned", "pooled"),
              f"query_init must be 'learned' or 'pooled', got {self.query_init!r}")
         need(0 <= self.learned_global < self.num_global,

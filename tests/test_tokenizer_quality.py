@@ -15,7 +15,7 @@ from selfboottok.data import build_dataset
 from selfboottok.eval.domain import DomainEvaluator, domain_evaluator
 from selfboottok.eval.metrics import psnr, seam_ratio
 from selfboottok.eval.probes import mlp_probe
-from selfboottok.training import load_checkpoint, train_stage1
+from selfboottok.training import load_checkpoint, train_stage1, train_stage2
 from selfboottok.training.losses import focal_frequency_loss, reconstruction_loss, stage1_losses
 from selfboottok.training.stages import stage1_parameters
 
@@ -101,6 +101,17 @@ def test_adversary_starts_late_trains_the_discriminator_and_resumes_exactly(tmp_
     records = [json.loads(line) for line in (tmp_path / "full/metrics.jsonl").read_text().splitlines()]
     assert "disc_loss" not in records[0] and "disc_loss" in records[-1]  # joins after 2 of 8 steps
     assert records[0]["gan"] == 0.0 and records[-1]["gan"] != 0.0
+
+
+def test_gan_start_1_leaves_the_discriminator_to_stage_2(tmp_path):
+    data = build_dataset("synthetic", 32, n=16)
+    cfg = _gan_config(**{"loss.gan_start": 1.0})
+    train_stage1(cfg, tmp_path / "s1", dataset=data, total_steps=2)
+    assert "adversary" not in load_checkpoint(tmp_path / "s1/checkpoints/last.pt")["extra"]
+    train_stage2(None, tmp_path / "s1/model", tmp_path / "s2", parts=["bootstrap"], dataset=data, total_steps=2)
+    import json
+    records = [json.loads(line) for line in (tmp_path / "s2/metrics.jsonl").read_text().splitlines()]
+    assert records[0]["gan"] != 0.0 and "disc_loss" in records[0]  # a fresh one from step 1
 
 
 def test_evaluator_is_cached_and_deterministic(tmp_path, one_thread):

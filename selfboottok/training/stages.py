@@ -83,7 +83,7 @@ def train_stage1(config: SelfBootTokConfig, out_dir, *, dataset=None, max_steps=
 
     total = total_steps or config.train.stage1_steps
     warm = int(config.train.global_warmup * total)  # steps that train only the global path
-    adversary = _adversary(config, int(config.loss.gan_start * total), device)
+    adversary = _adversary(config, int(config.loss.gan_start * total), device) if config.loss.gan_start < 1 else None
 
     def after_step(m):
         update_teacher(m)
