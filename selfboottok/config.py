@@ -247,7 +247,7 @@ class SelfBootTokConfig:
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         need(self.ot_eps > 0, f"ot_eps must be > 0, got {self.ot_eps}")
         for name in ("lr", "decoder_lr"):
-            need(getattr(self.train, name) > 0, f"train.{name} must be > 0, got {getattr(self.train, name)}")
+            need(getattr(self.train, name) >= 0, f"train.{name} must be >= 0, got {getattr(self.train, name)}")
         need(all(level >= 2 for level in self.fsq_levels), f"fsq_levels must be >= 2, got {self.fsq_levels}")
         need(0 <= self.ema_teacher < 1, f"ema_teacher must be in [0, 1), got {self.ema_teacher}")
         need(0 <= self.train.global_warmup < 1,
