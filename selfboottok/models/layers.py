@@ -225,9 +225,8 @@ class RegionCells(nn.Module):
         for r in region:
             slot.append(seen[r])
             seen[r] += 1
-        here = torch.empty(0).device
-        self.register_buffer("region", torch.tensor(region, device=here), persistent=False)
-        self.register_buffer("slot", torch.tensor(slot, device=here), persistent=False)
+        self.register_buffer("region", torch.tensor(region), persistent=False)
+        self.register_buffer("slot", torch.tensor(slot), persistent=False)
         self.slots, self.width = max(seen), width
         self.unpack = nn.Linear(code_dim, width * self.slots) if unpack else None
 

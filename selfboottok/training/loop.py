@@ -113,8 +113,7 @@ class TrainLoop:
         for ps, lr in by_lr:
             groups += [{"params": [p for p in ps if p.ndim >= 2], "weight_decay": self.cfg.weight_decay, "lr": lr},
                        {"params": [p for p in ps if p.ndim < 2], "weight_decay": 0.0, "lr": lr}]
-        self.opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.cfg.lr,
-                                     betas=tuple(self.cfg.betas))
+        self.opt = torch.optim.AdamW(groups, lr=self.cfg.lr, betas=tuple(self.cfg.betas))
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, warmup_cosine(self.cfg.warmup_steps, self.total))
         self.ema = [p.detach().clone().float() for p in self.params]
