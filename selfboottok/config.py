@@ -36,6 +36,7 @@ class LossConfig:
     ssim: float = 0.0  # 1 - SSIM (11x11 Gaussian window)
     ffl: float = 0.0  # focal frequency loss: spectrum errors weighted by their own size
     ffl_alpha: float = 1.0
+    hog: float = 0.0  # histograms of oriented gradients per 4x4 cell (training/losses.hog_loss)
     # hinge-loss PatchGAN generator term; 0 trains no discriminator. 0.1 in the stage-2 decoder
     # job only (gan_start=1) lifted the full path's texture from 0.75 to 0.81 (seed 0;
     # docs/results/tokenizer-quality.md)
@@ -229,7 +230,7 @@ class SelfBootTokConfig:
         need(self.encoder_stem >= 0, f"encoder_stem must be >= 0, got {self.encoder_stem}")
         need(self.head_channels >= 1 and self.head_blocks >= 0,
              f"head_channels must be >= 1 and head_blocks >= 0, got {self.head_channels}, {self.head_blocks}")
-        for name in ("l2", "l1", "ssim", "ffl", "gan", "lecam"):
+        for name in ("l2", "l1", "ssim", "ffl", "hog", "gan", "lecam"):
             need(getattr(self.loss, name) >= 0, f"loss.{name} must be >= 0, got {getattr(self.loss, name)}")
         need(0 <= self.loss.gan_start <= 1, f"loss.gan_start must be in [0, 1], got {self.loss.gan_start}")
         need(self.query_init in ("learned", "pooled"),

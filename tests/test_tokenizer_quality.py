@@ -16,7 +16,8 @@ from selfboottok.eval.domain import DomainEvaluator, domain_evaluator
 from selfboottok.eval.metrics import psnr, seam_ratio
 from selfboottok.eval.probes import mlp_probe
 from selfboottok.training import load_checkpoint, train_stage1, train_stage2
-from selfboottok.training.losses import focal_frequency_loss, reconstruction_loss, stage1_losses
+from selfboottok.training.losses import (focal_frequency_loss, hog_features, hog_loss, reconstruction_loss,
+                                         stage1_losses)
 from selfboottok.training.stages import stage1_parameters
 
 TINY_EVALUATOR = {"n_train": 192, "n_test": 64, "epochs": 1, "batch_size": 32, "width": 4}
@@ -26,9 +27,9 @@ def images(gen, n=2, size=32):
     return torch.rand(n, 3, size, size, generator=gen) * 2 - 1
 
 
-@pytest.mark.parametrize("term", ["l2", "l1", "ssim", "ffl"])
+@pytest.mark.parametrize("term", ["l2", "l1", "ssim", "ffl", "hog"])
 def test_each_reconstruction_term_is_zero_at_the_target_and_pulls_towards_it(gen, term):
-    weights = {k: 0.0 for k in ("l2", "l1", "ssim", "ffl")}
+    weights = {k: 0.0 for k in ("l2", "l1", "ssim", "ffl", "hog")}
     weights[term] = 1.0
     cfg = LossConfig(**weights)
     x = images(gen) * 0.9
@@ -50,6 +51,47 @@ def test_focal_frequency_loss_by_hand(gen):
     assert focal_frequency_loss(x, y, alpha=1.0).item() == pytest.approx((w * dist).mean().item(), rel=1e-4)
     # alpha = 0: every frequency weighs 1, and by Parseval that is the pixel MSE
     assert focal_frequency_loss(x, y, alpha=0.0).item() == pytest.approx(F.mse_loss(x, y).item(), rel=1e-4)
+
+
+def _hog_by_hand(img, cell, bins, eps, sharpness):
+    """The same histograms, pixel by pixel with atan2 and hard-coded loops (no smoothing: the
+    caller passes sigma to neither side's blur, see below)."""
+    img = img.double().numpy()
+    C, H, W = img.shape
+    p = np.pad(img, ((0, 0), (1, 1), (1, 1)), mode="edge")
+    h = np.zeros((bins, H // cell, W // cell))
+    for c in range(C):
+        for i in range(H):
+            for j in range(W):
+                gx = (p[c, i + 1, j + 2] - p[c, i + 1, j]) / 2
+                gy = (p[c, i + 2, j + 1] - p[c, i, j + 1]) / 2
+                m, theta = math.hypot(gx, gy), math.atan2(gy, gx)
+                for b in range(bins):
+                    tune = max(0.0, math.cos(2 * (theta - b * math.pi / bins))) ** sharpness
+                    h[b, i // cell, j // cell] += m * tune
+    return h / np.sqrt((h**2).sum(0, keepdims=True) + eps**2)
+
+
+def test_hog_features_by_hand_and_what_they_see(gen):
+    x = images(gen, 1, 8)
+    # sigma -> 0: the Gaussian becomes the identity, so the blur drops out of the comparison
+    got = hog_features(x, cell=4, bins=6, sigma=1e-3, eps=0.5, sharpness=2)[0].double().numpy()
+    np.testing.assert_allclose(got, _hog_by_hand(x[0], 4, 6, 0.5, 2), atol=2e-4)
+    # a vertical edge votes for the horizontal gradient (bin 0), a horizontal one for bin bins/2
+    v = torch.zeros(1, 3, 16, 16)
+    v[..., 8:] = 1.0
+    assert hog_features(v, bins=8)[0, :, :, 1:3].mean((1, 2)).argmax().item() == 0
+    assert hog_features(v.transpose(2, 3), bins=8)[0, :, 1:3].mean((1, 2)).argmax().item() == 4
+    # strong edges count by their shape, not their contrast; flat cells give 0
+    strong = hog_features(v)[0, :, :, 1:3]
+    assert torch.allclose(hog_features(0.8 * v)[0, :, :, 1:3], strong, atol=0.02)
+    assert hog_features(v)[0, :, :, 0].abs().max() < 1e-3
+    # the loss tells a mirrored shape from a blurred one
+    shapes = build_dataset("synthetic", 32, n=16, seed=5, split="test").tensors()[0]
+    blurred = F.avg_pool2d(F.pad(shapes, (1, 1, 1, 1), mode="replicate"), 3, 1)
+    assert hog_loss(blurred, shapes) < 0.5 * hog_loss(shapes.flip(-1), shapes)
+    with pytest.raises(ValueError, match="cell=4"):
+        hog_features(torch.zeros(1, 3, 10, 10))
 
 
 def test_conv_head_decodes_whole_images_and_its_gradients_flow(gen):

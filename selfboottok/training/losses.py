@@ -5,13 +5,15 @@ under "loss"."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-from selfboottok.eval.metrics import ssim
+from selfboottok.eval.metrics import _gaussian_window, ssim
 
 __all__ = ["stage1_losses", "stage2_losses", "generator_losses", "reconstruction_loss",
-           "focal_frequency_loss", "PARTS"]
+           "focal_frequency_loss", "hog_features", "hog_loss", "PARTS"]
 
 PARTS = ("generator", "bootstrap")
 
@@ -119,6 +121,8 @@ def reconstruction_loss(rec, images, loss_cfg):
         total = total + loss_cfg.ssim * (1 - ssim(rec, images, dtype=torch.float32).mean())
     if loss_cfg.ffl:
         total = total + loss_cfg.ffl * focal_frequency_loss(rec, images, loss_cfg.ffl_alpha)
+    if loss_cfg.hog:
+        total = total + loss_cfg.hog * hog_loss(rec, images)
     return total
 
 
@@ -133,6 +137,46 @@ def focal_frequency_loss(rec, images, alpha: float = 1.0):
         w = dist.sqrt().pow(alpha)
         w = w / w.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1, 1)
     return (w * dist).mean()
+
+
+def hog_features(images, cell: int = 4, bins: int = 9, sigma: float = 1.0, eps: float = 2.0,
+                 sharpness: int = 4):
+    """Differentiable histograms of oriented gradients (after Dalal and Triggs, 2005) of [B,C,H,W]
+    images in [-1,1]: [B, bins, H/cell, W/cell]. Each channel is smoothed by a Gaussian of std
+    `sigma` (so that pixel noise does not decide the orientations), differentiated by central
+    differences, and every pixel votes for the unsigned orientation bins with its gradient's
+    magnitude times cos(2 * angle difference)^`sharpness` (a smooth stand-in for hard bins, with
+    no atan2). Votes of all channels are summed per cell; each cell's histogram is divided by
+    sqrt(|h|^2 + eps^2), so edges count by their shape more than by their contrast, while cells
+    whose gradients are far below `eps` (flat or noisy ones) stay near 0."""
+    if images.dim() != 4 or images.shape[-1] % cell or images.shape[-2] % cell:
+        raise ValueError(f"images must be [B,C,H,W] with H and W multiples of cell={cell}, got "
+                         f"{tuple(images.shape)}")
+    x = images.float()
+    C = x.shape[1]
+    r = max(1, math.ceil(2.5 * sigma))
+    g = _gaussian_window(2 * r + 1, sigma, x.dtype, x.device)
+    x = F.pad(x, (r, r, r, r), mode="replicate")
+    x = F.conv2d(F.conv2d(x, g.view(1, 1, -1, 1).repeat(C, 1, 1, 1), groups=C),
+                 g.view(1, 1, 1, -1).repeat(C, 1, 1, 1), groups=C)
+    x = F.pad(x, (1, 1, 1, 1), mode="replicate")
+    gx = (x[..., 1:-1, 2:] - x[..., 1:-1, :-2]) / 2
+    gy = (x[..., 2:, 1:-1] - x[..., :-2, 1:-1]) / 2
+    m2 = gx.square() + gy.square() + 1e-6
+    # the gradient's doubled angle as a unit vector: unsigned orientations, period pi
+    cos2, sin2 = (gx.square() - gy.square()) / m2, 2 * gx * gy / m2
+    phi = torch.arange(bins, device=x.device, dtype=x.dtype) * (2 * math.pi / bins)
+    tune = (cos2.unsqueeze(2) * phi.cos().view(-1, 1, 1) + sin2.unsqueeze(2) * phi.sin().view(-1, 1, 1))
+    votes = (m2.sqrt().unsqueeze(2) * tune.clamp_min(0).pow(sharpness)).sum(1)
+    h = F.avg_pool2d(votes, cell) * cell * cell
+    return h / (h.square().sum(1, keepdim=True) + eps * eps).sqrt()
+
+
+def hog_loss(rec, images):
+    """Mean absolute difference of the reconstruction's and the image's :func:`hog_features`: a
+    weight-free perceptual term on outlines and their orientations, the target MAETok's auxiliary
+    decoders predict (Chen et al., 2025)."""
+    return (hog_features(rec) - hog_features(images)).abs().mean()
 
 
 def _local_targets(model, images, enc):
