@@ -36,7 +36,9 @@ class LossConfig:
     ssim: float = 0.0  # 1 - SSIM (11x11 Gaussian window)
     ffl: float = 0.0  # focal frequency loss: spectrum errors weighted by their own size
     ffl_alpha: float = 1.0
-    hog: float = 0.0  # histograms of oriented gradients per 4x4 cell (training/losses.hog_loss)
+    # histograms of oriented gradients per 4x4 cell (training/losses.hog_loss): weight 1 lifted
+    # the class read from global-only reconstructions (docs/results/tokenizer-quality.md)
+    hog: float = 1.0
     # hinge-loss PatchGAN generator term; 0 trains no discriminator. 0.1 in the stage-2 decoder
     # job only (gan_start=1) lifted the full path's texture from 0.75 to 0.81 (seed 0;
     # docs/results/tokenizer-quality.md)
@@ -352,7 +354,7 @@ PRESETS: dict[str, dict] = {
         "bootstrap": {"width": 768, "depth": 8, "heads": 12},
         "generator": {"width": 768, "depth": 24, "heads": 16},
         "generators": ["maskgit"],
-        "loss": {"gan": 0.0},  # the tiny preset's stage-2 GAN and LR were not measured at 256
+        "loss": {"gan": 0.0, "hog": 0.0},  # the tiny preset's GAN, HOG and LR were not measured at 256
         "train": {"batch_size": 256, "lr": 1e-4, "decoder_lr": 1e-4, "warmup_steps": 10000, "stage1_steps": 1000000,
                   "stage2_steps": 500000, "log_every": 100, "sample_every": 5000, "ckpt_every": 5000},
     },
