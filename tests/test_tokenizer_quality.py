@@ -220,3 +220,25 @@ def test_tokenizer_overfits_a_fixed_batch(one_thread):
     m.eval()
     full = psnr(m.reconstruct(x), x).mean().item()
     assert full > 18.0, full
+
+
+def test_probe_samples_script_writes_one_score_per_model_and_size(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    folder = tmp_path / "model"
+    SelfBootTok(SelfBootTokConfig.preset("tiny")).save_pretrained(folder)
+    root = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, str(root / "bench" / "probe_samples.py"), "--threads", "1", "--sizes", "20", "40",
+           "--n-test", "30", "--models", f"a={folder}", f"b={folder}", "--out", str(tmp_path / "out")]
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    data = json.loads(next((tmp_path / "out").glob("probe-samples-*.json")).read_text())
+    assert set(data["scores"]) == {"a", "b"} and all(set(v) == {"20", "40"} for v in data["scores"].values())
+    assert all(0 <= s["score"] <= 1 for v in data["scores"].values() for s in v.values())
+    assert data["scores"]["a"] == data["scores"]["b"]  # the same model and data give the same probe
+    bad = subprocess.run(cmd[:-5] + ["--models", "nolabel"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--models expects LABEL=DIR, got 'nolabel'" in bad.stderr
