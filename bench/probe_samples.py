@@ -17,9 +17,9 @@ import argparse
 import torch
 
 from _common import log, machine_name, write_results
+from quality import eval_sets
 
 from selfboottok import SelfBootTok
-from selfboottok.data import build_dataset
 from selfboottok.eval.probes import mlp_probe, token_features
 
 
@@ -43,9 +43,8 @@ def main(argv=None):
     if min(args.sizes) < 10:
         ap.error(f"--sizes must be at least 10, got {min(args.sizes)}")
     torch.set_num_threads(args.threads)
-    # the splits bench/quality.py uses: test images of the seed, probe images of seed + 1000
-    test = build_dataset("synthetic", 32, n=args.n_test, seed=args.seed, split="test")
-    probe = build_dataset("synthetic", 32, n=max(args.sizes), seed=args.seed + 1000)
+    sizes = sorted(set(args.sizes))
+    test, probe = eval_sets(args.seed, args.n_test, sizes[-1])
     test_y, probe_y = test.factor_table()["label"], probe.factor_table()["label"]
     res = {"machine": machine_name("cpu"), "seed": args.seed, "n_test": args.n_test, "models": models,
            "probe": "mlp_probe, one hidden layer of 256 units", "scores": {}}
@@ -53,11 +52,10 @@ def main(argv=None):
         model = SelfBootTok.from_pretrained(path).eval()
         train_x = token_features(model, probe.tensors()[0])["global tokens"]
         test_x = token_features(model, test.tensors()[0])["global tokens"]
-        for n in sorted(args.sizes):
+        for n in sizes:
             r = mlp_probe(train_x[:n], probe_y[:n], test_x, test_y, "classification")
             res["scores"].setdefault(label, {})[str(n)] = {"score": r["score"], "steps": r["steps"]}
             log(f"{label}: n={n}: class probe {r['score']:.3f} ({r['steps']} steps)")
-    sizes = sorted(args.sizes)
     table = [f"# Class probe on the global tokens against its training set size (seed {args.seed})", "",
              f"Machine: {res['machine']}. Probe: one hidden layer of 256 units, trained on the codes of "
              f"the first n images of the probe set, scored on {args.n_test} test images.", "",

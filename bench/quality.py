@@ -86,6 +86,13 @@ def model_config(mode, seed, sizes, overrides) -> SelfBootTokConfig:
                                     **{**train, **overrides})
 
 
+def eval_sets(seed, n_test, n_probe):
+    """The test images of a seed and the images the token probes train on (their own seed,
+    seed + 1000, so they differ from the tokenizer's training images)."""
+    return (build_dataset("synthetic", 32, n=n_test, seed=seed, split="test"),
+            build_dataset("synthetic", 32, n=n_probe, seed=seed + 1000))
+
+
 @torch.no_grad()
 def reconstruct_paths(model, images) -> dict:
     """path -> reconstructions of `images`, and the ids, for one model."""
@@ -177,8 +184,7 @@ def run(args, sizes, overrides, work, out) -> dict:
     grids = {}
     for seed in seeds:
         train_set = build_dataset("synthetic", 32, n=sizes["n_train"], seed=seed)
-        test_set = build_dataset("synthetic", 32, n=sizes["n_test"], seed=seed, split="test")
-        probe_set = build_dataset("synthetic", 32, n=sizes["n_probe_train"], seed=seed + 1000)
+        test_set, probe_set = eval_sets(seed, sizes["n_test"], sizes["n_probe_train"])
         test = {"images": test_set.tensors()[0].clone(), "table": test_set.factor_table()}
         probe_data = {"images": probe_set.tensors()[0].clone(), "table": probe_set.factor_table()}
         real_seam = seam_ratio(test["images"], 4)

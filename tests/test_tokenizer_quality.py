@@ -54,8 +54,8 @@ def test_focal_frequency_loss_by_hand(gen):
 
 
 def _hog_by_hand(img, cell, bins, eps, sharpness):
-    """The same histograms, pixel by pixel with atan2 and hard-coded loops (no smoothing: the
-    caller passes sigma to neither side's blur, see below)."""
+    """The same histograms without the Gaussian smoothing, pixel by pixel with atan2 (the test
+    gives hog_features a sigma near 0, where its blur is the identity)."""
     img = img.double().numpy()
     C, H, W = img.shape
     p = np.pad(img, ((0, 0), (1, 1), (1, 1)), mode="edge")

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["psnr", "ssim", "seam_ratio", "codebook_stats", "inception_score"]
+__all__ = ["psnr", "ssim", "gaussian_blur", "seam_ratio", "codebook_stats", "inception_score"]
 
 
 def psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -20,10 +20,18 @@ def psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(4.0 / mse.clamp_min(1e-12))
 
 
-def _gaussian_window(size: int, sigma: float, dtype, device) -> torch.Tensor:
-    r = torch.arange(size, dtype=dtype, device=device) - (size - 1) / 2
+def gaussian_blur(x: torch.Tensor, size: int, sigma: float, same: bool = False) -> torch.Tensor:
+    """Each channel of [B,C,H,W] `x` blurred by a normalised `size`-tap Gaussian of std `sigma`
+    (separable, in x's dtype): over 'valid' windows only (H and W shrink by size - 1), or with
+    `same`, over the image padded by replicating its border (same size out)."""
+    r = torch.arange(size, dtype=x.dtype, device=x.device) - (size - 1) / 2
     g = torch.exp(-(r**2) / (2 * sigma**2))
-    return g / g.sum()
+    g = g / g.sum()
+    C = x.shape[1]
+    if same:
+        x = F.pad(x, ((size - 1) // 2, size // 2, (size - 1) // 2, size // 2), mode="replicate")
+    return F.conv2d(F.conv2d(x, g.view(1, 1, size, 1).repeat(C, 1, 1, 1), groups=C),
+                    g.view(1, 1, 1, size).repeat(C, 1, 1, 1), groups=C)
 
 
 def ssim(pred: torch.Tensor, target: torch.Tensor, window: int = 11, sigma: float = 1.5,
@@ -44,14 +52,12 @@ def ssim(pred: torch.Tensor, target: torch.Tensor, window: int = 11, sigma: floa
         dtype = torch.float32 if pred.device.type == "mps" else torch.float64
     x = (pred.to(dtype).clamp(-1, 1) + 1) / 2
     y = (target.to(dtype).clamp(-1, 1) + 1) / 2
-    B, C, H, W = x.shape
+    H, W = x.shape[-2:]
     size = min(window, H, W)
     size -= 1 - size % 2  # keep it odd
-    g = _gaussian_window(size, sigma, dtype, x.device)
-    gh, gw = g.view(1, 1, size, 1).repeat(C, 1, 1, 1), g.view(1, 1, 1, size).repeat(C, 1, 1, 1)
 
-    def blur(t):  # separable, valid
-        return F.conv2d(F.conv2d(t, gh, groups=C), gw, groups=C)
+    def blur(t):
+        return gaussian_blur(t, size, sigma)
 
     mx, my = blur(x), blur(y)
     vx = blur(x * x) - mx * mx

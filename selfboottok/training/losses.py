@@ -10,7 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from selfboottok.eval.metrics import _gaussian_window, ssim
+from selfboottok.eval.metrics import gaussian_blur, ssim
 
 __all__ = ["stage1_losses", "stage2_losses", "generator_losses", "reconstruction_loss",
            "focal_frequency_loss", "hog_features", "hog_loss", "PARTS"]
@@ -152,13 +152,7 @@ def hog_features(images, cell: int = 4, bins: int = 9, sigma: float = 1.0, eps: 
     if images.dim() != 4 or images.shape[-1] % cell or images.shape[-2] % cell:
         raise ValueError(f"images must be [B,C,H,W] with H and W multiples of cell={cell}, got "
                          f"{tuple(images.shape)}")
-    x = images.float()
-    C = x.shape[1]
-    r = max(1, math.ceil(2.5 * sigma))
-    g = _gaussian_window(2 * r + 1, sigma, x.dtype, x.device)
-    x = F.pad(x, (r, r, r, r), mode="replicate")
-    x = F.conv2d(F.conv2d(x, g.view(1, 1, -1, 1).repeat(C, 1, 1, 1), groups=C),
-                 g.view(1, 1, 1, -1).repeat(C, 1, 1, 1), groups=C)
+    x = gaussian_blur(images.float(), 2 * max(1, math.ceil(2.5 * sigma)) + 1, sigma, same=True)
     x = F.pad(x, (1, 1, 1, 1), mode="replicate")
     gx = (x[..., 1:-1, 2:] - x[..., 1:-1, :-2]) / 2
     gy = (x[..., 2:, 1:-1] - x[..., :-2, 1:-1]) / 2
