@@ -53,22 +53,24 @@ def test_focal_frequency_loss_by_hand(gen):
     assert focal_frequency_loss(x, y, alpha=0.0).item() == pytest.approx(F.mse_loss(x, y).item(), rel=1e-4)
 
 
-def _hog_by_hand(img, cell, bins, eps, sharpness):
+def _hog_by_hand(img, cell, bins, eps, sharpness, offset=(0, 0)):
     """The same histograms without the Gaussian smoothing, pixel by pixel with atan2 (the test
-    gives hog_features a sigma near 0, where its blur is the identity)."""
+    gives hog_features a sigma near 0, where its blur is the identity); the cells start at
+    pixel `offset` and only whole ones are kept."""
     img = img.double().numpy()
     C, H, W = img.shape
+    dy, dx = offset
     p = np.pad(img, ((0, 0), (1, 1), (1, 1)), mode="edge")
-    h = np.zeros((bins, H // cell, W // cell))
+    h = np.zeros((bins, (H - dy) // cell, (W - dx) // cell))
     for c in range(C):
-        for i in range(H):
-            for j in range(W):
+        for i in range(dy, dy + h.shape[1] * cell):
+            for j in range(dx, dx + h.shape[2] * cell):
                 gx = (p[c, i + 1, j + 2] - p[c, i + 1, j]) / 2
                 gy = (p[c, i + 2, j + 1] - p[c, i, j + 1]) / 2
                 m, theta = math.hypot(gx, gy), math.atan2(gy, gx)
                 for b in range(bins):
                     tune = max(0.0, math.cos(2 * (theta - b * math.pi / bins))) ** sharpness
-                    h[b, i // cell, j // cell] += m * tune
+                    h[b, (i - dy) // cell, (j - dx) // cell] += m * tune
     return h / np.sqrt((h**2).sum(0, keepdims=True) + eps**2)
 
 
@@ -77,6 +79,10 @@ def test_hog_features_by_hand_and_what_they_see(gen):
     # sigma -> 0: the Gaussian becomes the identity, so the blur drops out of the comparison
     got = hog_features(x, cell=4, bins=6, sigma=1e-3, eps=0.5, sharpness=2)[0].double().numpy()
     np.testing.assert_allclose(got, _hog_by_hand(x[0], 4, 6, 0.5, 2), atol=2e-4)
+    x = images(gen, 1, 12)
+    got = hog_features(x, cell=4, bins=6, sigma=1e-3, eps=0.5, sharpness=2, offset=(3, 1))[0]
+    assert got.shape == (6, 2, 2)
+    np.testing.assert_allclose(got.double().numpy(), _hog_by_hand(x[0], 4, 6, 0.5, 2, (3, 1)), atol=2e-4)
     # a vertical edge votes for the horizontal gradient (bin 0), a horizontal one for bin bins/2
     v = torch.zeros(1, 3, 16, 16)
     v[..., 8:] = 1.0
@@ -92,6 +98,23 @@ def test_hog_features_by_hand_and_what_they_see(gen):
     assert hog_loss(blurred, shapes) < 0.5 * hog_loss(shapes.flip(-1), shapes)
     with pytest.raises(ValueError, match="cell=4"):
         hog_features(torch.zeros(1, 3, 10, 10))
+    with pytest.raises(ValueError, match="offset"):
+        hog_features(torch.zeros(1, 3, 8, 8), offset=(0, 4))
+
+
+def test_hog_jitter_draws_every_cell_offset(gen):
+    x = images(gen, 2, 16)
+    rec = x + 0.2 * torch.randn(x.shape, generator=gen)
+    by_offset = {(dy, dx): (hog_features(rec, offset=(dy, dx)) - hog_features(x, offset=(dy, dx))).abs().mean()
+                 for dy in range(4) for dx in range(4)}
+    seen = set()
+    for _ in range(200):
+        value = hog_loss(rec, x, jitter=True)
+        match = {k for k, v in by_offset.items() if torch.isclose(v, value, rtol=0, atol=1e-7)}
+        assert match, "the jittered loss is the loss at one of the offsets"
+        seen |= match
+    assert len(seen) == 16
+    assert hog_loss(x, x, jitter=True).item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_conv_head_decodes_whole_images_and_its_gradients_flow(gen):

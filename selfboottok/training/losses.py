@@ -122,7 +122,7 @@ def reconstruction_loss(rec, images, loss_cfg):
     if loss_cfg.ffl:
         total = total + loss_cfg.ffl * focal_frequency_loss(rec, images, loss_cfg.ffl_alpha)
     if loss_cfg.hog:
-        total = total + loss_cfg.hog * hog_loss(rec, images)
+        total = total + loss_cfg.hog * hog_loss(rec, images, loss_cfg.hog_jitter)
     return total
 
 
@@ -140,7 +140,7 @@ def focal_frequency_loss(rec, images, alpha: float = 1.0):
 
 
 def hog_features(images, cell: int = 4, bins: int = 9, sigma: float = 1.0, eps: float = 2.0,
-                 sharpness: int = 4):
+                 sharpness: int = 4, offset: tuple = (0, 0)):
     """Differentiable histograms of oriented gradients (after Dalal and Triggs, 2005) of [B,C,H,W]
     images in [-1,1]: [B, bins, H/cell, W/cell]. Each channel is smoothed by a Gaussian of std
     `sigma` (so that pixel noise does not decide the orientations), differentiated by central
@@ -148,10 +148,15 @@ def hog_features(images, cell: int = 4, bins: int = 9, sigma: float = 1.0, eps: 
     magnitude times cos(2 * angle difference)^`sharpness` (a smooth stand-in for hard bins, with
     no atan2). Votes of all channels are summed per cell; each cell's histogram is divided by
     sqrt(|h|^2 + eps^2), so edges count by their shape more than by their contrast, while cells
-    whose gradients are far below `eps` (flat or noisy ones) stay near 0."""
+    whose gradients are far below `eps` (flat or noisy ones) stay near 0. With `offset`
+    (dy, dx), 0 <= dy, dx < cell, the cells start that many pixels down and right, and the
+    incomplete ones at the borders are left out."""
     if images.dim() != 4 or images.shape[-1] % cell or images.shape[-2] % cell:
         raise ValueError(f"images must be [B,C,H,W] with H and W multiples of cell={cell}, got "
                          f"{tuple(images.shape)}")
+    dy, dx = offset
+    if not (0 <= dy < cell and 0 <= dx < cell):
+        raise ValueError(f"offset must be two integers in [0, cell={cell}), got {offset}")
     x = gaussian_blur(images.float(), 2 * max(1, math.ceil(2.5 * sigma)) + 1, sigma, same=True)
     x = F.pad(x, (1, 1, 1, 1), mode="replicate")
     gx = (x[..., 1:-1, 2:] - x[..., 1:-1, :-2]) / 2
@@ -162,15 +167,18 @@ def hog_features(images, cell: int = 4, bins: int = 9, sigma: float = 1.0, eps: 
     phi = torch.arange(bins, device=x.device, dtype=x.dtype) * (2 * math.pi / bins)
     tune = (cos2.unsqueeze(2) * phi.cos().view(-1, 1, 1) + sin2.unsqueeze(2) * phi.sin().view(-1, 1, 1))
     votes = (m2.sqrt().unsqueeze(2) * tune.clamp_min(0).pow(sharpness)).sum(1)
-    h = F.avg_pool2d(votes, cell) * cell * cell
+    h = F.avg_pool2d(votes[..., dy:, dx:], cell) * cell * cell  # floor: drops incomplete cells
     return h / (h.square().sum(1, keepdim=True) + eps * eps).sqrt()
 
 
-def hog_loss(rec, images):
+def hog_loss(rec, images, jitter: bool = False, cell: int = 4):
     """Mean absolute difference of the reconstruction's and the image's :func:`hog_features`: a
     weight-free perceptual term on outlines and their orientations, the target MAETok's auxiliary
-    decoders predict (Chen et al., 2025)."""
-    return (hog_features(rec) - hog_features(images)).abs().mean()
+    decoders predict (Chen et al., 2025). `jitter`: the cells start at a random offset drawn
+    for each call (the same for both images), so that a pattern locked to a fixed cell grid,
+    which is also the patch grid, does not lower the loss."""
+    offset = tuple(torch.randint(cell, (2,)).tolist()) if jitter else (0, 0)
+    return (hog_features(rec, cell, offset=offset) - hog_features(images, cell, offset=offset)).abs().mean()
 
 
 def _local_targets(model, images, enc):
