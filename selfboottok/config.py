@@ -48,6 +48,8 @@ class LossConfig:
     # job only (gan_start=1) lifted the full path's texture from 0.75 to 0.81 (seed 0;
     # docs/results/tokenizer-quality.md)
     gan: float = 0.1
+    # the GAN term on the global path (global tokens + bootstrapped local ones) is scaled by this
+    gan_global_scale: float = 1.0
     # fraction of stage 1 before the discriminator joins; 1: only in the stage-2 decoder job
     gan_start: float = 1.0
     gan_adaptive: bool = True  # scale the GAN term by |grad rec| / |grad gan| at the last layer
@@ -237,7 +239,7 @@ class SelfBootTokConfig:
         need(self.encoder_stem >= 0, f"encoder_stem must be >= 0, got {self.encoder_stem}")
         need(self.head_channels >= 1 and self.head_blocks >= 0,
              f"head_channels must be >= 1 and head_blocks >= 0, got {self.head_channels}, {self.head_blocks}")
-        for name in ("l2", "l1", "ssim", "ffl", "hog", "gan", "lecam"):
+        for name in ("l2", "l1", "ssim", "ffl", "hog", "gan", "gan_global_scale", "lecam"):
             need(getattr(self.loss, name) >= 0, f"loss.{name} must be >= 0, got {getattr(self.loss, name)}")
         need(0 <= self.loss.gan_start <= 1, f"loss.gan_start must be in [0, 1], got {self.loss.gan_start}")
         need(self.query_init in ("learned", "pooled"),

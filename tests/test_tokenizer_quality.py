@@ -265,3 +265,23 @@ def test_probe_samples_script_writes_one_score_per_model_and_size(tmp_path):
     assert data["scores"]["a"] == data["scores"]["b"]  # the same model and data give the same probe
     bad = subprocess.run(cmd[:-5] + ["--models", "nolabel"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--models expects LABEL=DIR, got 'nolabel'" in bad.stderr
+
+
+def test_gan_global_scale_weighs_only_the_global_paths_term(gen):
+    from selfboottok.training.adversarial import Adversary
+    from selfboottok.training.losses import stage2_losses
+
+    x = images(gen, 2)
+    terms, shown = {}, {}
+    for scale in (0.0, 1.0, 2.0):
+        cfg = _gan_config(**{"loss.gan_global_scale": scale})
+        torch.manual_seed(0)
+        m = SelfBootTok(cfg).train()
+        adversary = Adversary(cfg, 0, "cpu")
+        terms[scale] = stage2_losses(m, x, torch.zeros(2, dtype=torch.long), ("bootstrap",), adversary)["gan"]
+        shown[scale] = sum(len(f) for _, f in adversary._seen)
+    # the full path's term plus `scale` times the global path's, which is not 0
+    assert torch.allclose(terms[2.0] - terms[1.0], terms[1.0] - terms[0.0], atol=1e-6)
+    assert not torch.allclose(terms[1.0], terms[0.0])
+    # at scale 0 the discriminator is not shown the global path's reconstructions
+    assert shown == {0.0: 2, 1.0: 4, 2.0: 4}

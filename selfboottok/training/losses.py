@@ -36,7 +36,7 @@ def stage1_losses(model, images, full_path: bool = True, adversary=None) -> dict
         out["rec"] = reconstruction_loss(rec, images, c.loss)
         out["mse"] = F.mse_loss(rec.detach().float(), images.float())
         total = total + c.w_rec * out["rec"]
-        gan.append((rec, c.w_rec * out["rec"]))
+        gan.append((rec, c.w_rec * out["rec"], 1.0))
     if model.global_mode:
         t1, t2 = _local_targets(model, images, enc)
         b1, b2 = model.bootstrap(enc.codes)
@@ -47,7 +47,7 @@ def stage1_losses(model, images, full_path: bool = True, adversary=None) -> dict
         out["align"] = enc.align_loss.float()
         total = (total + c.w_rec_boot * out["rec_boot"] + c.w_boot * out["boot"]
                  + c.w_align * out["align"])
-        gan.append((rec_boot, c.w_rec_boot * out["rec_boot"]))
+        gan.append((rec_boot, c.w_rec_boot * out["rec_boot"], c.loss.gan_global_scale))
     if adversary is not None:
         out["gan"] = _adversarial(model, images, gan, adversary)
         total = total + out["gan"]
@@ -56,9 +56,12 @@ def stage1_losses(model, images, full_path: bool = True, adversary=None) -> dict
 
 
 def _adversarial(model, images, recs, adversary):
-    """The adversary's generator terms of (reconstruction, its weighted loss) pairs."""
+    """The adversary's generator terms of (reconstruction, its weighted loss, scale) triples;
+    a reconstruction of scale 0 is not shown to the discriminator either."""
     last = model.tokenizer.decoder.last_layer()
-    return sum(adversary.generator_loss(images, rec, rec_loss, last) for rec, rec_loss in recs)
+    terms = [scale * adversary.generator_loss(images, rec, rec_loss, last)
+             for rec, rec_loss, scale in recs if scale]
+    return sum(terms) if terms else images.new_zeros((), dtype=torch.float32)
 
 
 def stage2_losses(model, images, labels, parts=PARTS, adversary=None) -> dict:
@@ -84,14 +87,14 @@ def stage2_losses(model, images, labels, parts=PARTS, adversary=None) -> dict:
             rec = model.tokenizer.decoder(enc.codes, enc.local_1d, enc.local_2d)
             out["rec"] = reconstruction_loss(rec, images, c.loss)
             total = total + c.w_rec * out["rec"]
-            decoded.append((rec, c.w_rec * out["rec"]))
+            decoded.append((rec, c.w_rec * out["rec"], 1.0))
         if model.global_mode:
             b1, b2 = model.bootstrap(enc.codes)
             rec_boot = model.tokenizer.decoder(enc.codes, b1, b2)
             out["rec_boot"] = reconstruction_loss(rec_boot, images, c.loss)
             out["boot"] = _boot_loss(b1, b2, enc.local_1d, enc.local_2d)
             total = total + c.w_rec_boot * out["rec_boot"] + c.w_boot * out["boot"]
-            decoded.append((rec_boot, c.w_rec_boot * out["rec_boot"]))
+            decoded.append((rec_boot, c.w_rec_boot * out["rec_boot"], c.loss.gan_global_scale))
         if adversary is not None:
             out["gan"] = _adversarial(model, images, decoded, adversary)
             total = total + out["gan"]
