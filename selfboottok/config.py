@@ -46,7 +46,7 @@ class LossConfig:
     hog_jitter: bool = False
     # hinge-loss PatchGAN generator term; 0 trains no discriminator. 0.1 in the stage-2 decoder
     # job only (gan_start=1) lifted the full path's texture from 0.75 to 0.81 (seed 0;
-    # docs/results/tokenizer-quality.md)
+    # bench/results/quality-amd-epyc-2-threads.md)
     gan: float = 0.1
     # the GAN term on the global path (global tokens + bootstrapped local ones) is scaled by
     # this. 3 in the stage-2 job lowered the global path's seams from 1.37 to 1.26 and cost the
@@ -174,9 +174,9 @@ class SelfBootTokConfig:
     encoder_stem: int = 0  # > 0: a full-resolution conv stem of that many channels before patchify
     encoder: ViTConfig = field(default_factory=ViTConfig)
     decoder: ViTConfig = field(default_factory=ViTConfig)
-    # depth 4 (from 2): global-only reconstructions 23.69 dB, class 0.811, seams 1.26 against
+    # depth 4 (from 2): global-only reconstructions 23.69 dB, class 0.811, seams 1.25 against
     # 23.51 / 0.788 / 1.33, full path 29.66 against 29.75 (two seeds, t13 in
-    # docs/results/tokenizer-quality.md)
+    # bench/results/quality-amd-epyc-2-threads.md)
     bootstrap: ViTConfig = field(default_factory=lambda: ViTConfig(depth=4))
     generator: ViTConfig = field(default_factory=lambda: ViTConfig(128, 4, 4))
     loss: LossConfig = field(default_factory=LossConfig)
