@@ -127,6 +127,10 @@ class SelfBootTokConfig:
     # mean instead of being scaled back up to full size. False lifted the full path from 28.59
     # to 29.23 dB and its texture from 0.75 to 0.85 (seed 0)
     bootstrap_norm: bool = False
+    # the global path (global tokens + bootstrapped local ones: what generation decodes) gets a
+    # pixel decoder of its own, which stage 2 starts as a copy of the stage-1 model's shared one;
+    # the full path keeps the shared one, so losses aimed at the global path do not reach it
+    global_path_decoder: bool = False
     alignment: str = "ot"  # "ot" | "avgpool" | "softmax"
     # "pooled": each quantized query starts from one region's mean patch embedding (content, no
     # positions), and the decoders' grid cells from their region's code; learned queries were
@@ -175,7 +179,7 @@ class SelfBootTokConfig:
     encoder: ViTConfig = field(default_factory=ViTConfig)
     decoder: ViTConfig = field(default_factory=ViTConfig)
     # depth 4 (from 2): global-only reconstructions 23.69 dB, class 0.811, seams 1.25 against
-    # 23.51 / 0.788 / 1.33, full path 29.66 against 29.75 (two seeds, t13 in
+    # 23.51 / 0.788 / 1.33, full path 29.66 against 29.75 (two seeds, run t13;
     # bench/results/quality-amd-epyc-2-threads.md)
     bootstrap: ViTConfig = field(default_factory=lambda: ViTConfig(depth=4))
     generator: ViTConfig = field(default_factory=lambda: ViTConfig(128, 4, 4))
@@ -239,6 +243,8 @@ class SelfBootTokConfig:
              f"local_norm must be 'layer', 'rms' or 'none', got {self.local_norm!r}")
         need(self.decoder_head in ("linear", "conv"),
              f"decoder_head must be 'linear' or 'conv', got {self.decoder_head!r}")
+        need(not self.global_path_decoder or self.generator_tokens == "global",
+             "global_path_decoder needs generator_tokens='global' (the baseline has no global path)")
         need(not self.head_local_2d or self.decoder_head == "conv",
              "head_local_2d needs decoder_head='conv'")
         need(self.encoder_stem >= 0, f"encoder_stem must be >= 0, got {self.encoder_stem}")

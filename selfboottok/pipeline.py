@@ -45,6 +45,9 @@ class SelfBootTok(nn.Module, ModelHubMixin, library_name="selfboottok",
             torch.manual_seed(config.seed)
             self.tokenizer = Tokenizer(config)
             self.bootstrap = BootstrapDecoder(config) if self.global_mode else None
+            # a copy: built without drawing random numbers, so the other modules' init is unchanged
+            self.global_decoder = (copy.deepcopy(self.tokenizer.decoder)
+                                   if self.global_mode and config.global_path_decoder else None)
             self.generators = nn.ModuleDict({k: build_generator(k, config) for k in config.generators})
         self.teacher = None
         if self.global_mode and config.ema_teacher > 0:
@@ -95,6 +98,13 @@ class SelfBootTok(nn.Module, ModelHubMixin, library_name="selfboottok",
     def _dtype(self):
         return next(self.parameters()).dtype
 
+    def pixel_decoder(self, bootstrapped: bool):
+        """The pixel decoder of a path: with bootstrapped local tokens, the global path's own
+        one when `config.global_path_decoder` is set; otherwise the tokenizer's."""
+        if bootstrapped and self.global_decoder is not None:
+            return self.global_decoder
+        return self.tokenizer.decoder
+
     # inference
     @torch.no_grad()
     def tokenize(self, images) -> TokenizeResult:
@@ -106,11 +116,13 @@ class SelfBootTok(nn.Module, ModelHubMixin, library_name="selfboottok",
     def decode(self, global_ids, local_1d=None, local_2d=None):
         """Images in [-1,1] from ids. In SelfBootTok mode, local tokens not given are predicted
         from the global ids by the bootstrap decoder (the generation path). In baseline mode,
-        `global_ids` holds all K_g + K_l ids."""
+        `global_ids` holds all K_g + K_l ids. When any local token is predicted, the global
+        path's pixel decoder draws the image (see :meth:`pixel_decoder`)."""
         c = self.config
         ids = self._check_ids(global_ids, c.num_quantized, "global_ids")
         codes = self.tokenizer.codes(ids).to(self._dtype())
-        if self.global_mode and (local_1d is None or local_2d is None):
+        bootstrapped = self.global_mode and (local_1d is None or local_2d is None)
+        if bootstrapped:
             boot_1d, boot_2d = self.bootstrap(codes)
             local_1d = boot_1d if local_1d is None else local_1d
             local_2d = boot_2d if local_2d is None else local_2d
@@ -120,7 +132,7 @@ class SelfBootTok(nn.Module, ModelHubMixin, library_name="selfboottok",
                                    ("local_2d", local_2d, (B, c.num_patches, c.local_2d_dim))):
                 if tuple(t.shape) != shape:
                     raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
-        return self.tokenizer.decoder(codes, local_1d, local_2d).clamp(-1, 1)
+        return self.pixel_decoder(bootstrapped)(codes, local_1d, local_2d).clamp(-1, 1)
 
     @torch.no_grad()
     def reconstruct(self, images, bootstrap: bool = False):

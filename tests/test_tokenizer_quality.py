@@ -285,3 +285,39 @@ def test_gan_global_scale_weighs_only_the_global_paths_term(gen):
     assert not torch.allclose(terms[1.0], terms[0.0])
     # at scale 0 the discriminator is not shown the global path's reconstructions
     assert shown == {0.0: 2, 1.0: 4, 2.0: 4}
+
+
+def test_global_path_decoder_draws_only_the_global_path_and_starts_from_the_shared_one(gen, tmp_path):
+    from selfboottok.training.losses import stage2_losses
+
+    with pytest.raises(ValueError, match="global_path_decoder needs generator_tokens='global'"):
+        _gan_config(global_path_decoder=True, generator_tokens="all")
+    m = SelfBootTok(_gan_config(global_path_decoder=True)).eval()
+    x = images(gen, 2)
+    t = m.tokenize(x)
+    full, glob = m.decode(t.ids, t.local_1d, t.local_2d), m.decode(t.ids)
+    with torch.no_grad():
+        for p in m.global_decoder.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    torch.testing.assert_close(m.decode(t.ids, t.local_1d, t.local_2d), full)
+    assert not torch.allclose(m.decode(t.ids), glob, atol=1e-4)
+    # stage-2 losses: the full path's reconstruction term reaches only the shared decoder, the
+    # global path's only its own
+    cfg = _gan_config(global_path_decoder=True, **{"loss.gan": 0.0})
+    m = SelfBootTok(cfg).train()
+    out = stage2_losses(m, x, torch.zeros(2, dtype=torch.long), ("bootstrap",))
+    g_shared = torch.autograd.grad(out["rec"], list(m.tokenizer.decoder.parameters()), allow_unused=True)
+    g_own = torch.autograd.grad(out["rec_boot"], list(m.global_decoder.parameters()), allow_unused=True)
+    assert all(g is not None and g.abs().sum() > 0 for g in g_shared + g_own)
+    assert all(g is None for g in torch.autograd.grad(out["rec"], list(m.global_decoder.parameters()),
+                                                       allow_unused=True, retain_graph=True))
+    # stage 2 on a stage-1 model without one starts it from the shared decoder (lr 0: still equal)
+    data = build_dataset("synthetic", 32, n=8)
+    train_stage1(_gan_config(**{"loss.gan": 0.0}), tmp_path / "s1", dataset=data, total_steps=1)
+    s2 = train_stage2(cfg.with_overrides(**{"train.decoder_lr": 0.0}), tmp_path / "s1/model", tmp_path / "s2",
+                      parts=["bootstrap"], dataset=data, total_steps=1)
+    s1 = SelfBootTok.from_pretrained(tmp_path / "s1/model")
+    for (name, a), b in zip(s1.tokenizer.decoder.state_dict().items(), s2.global_decoder.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+    loaded = SelfBootTok.from_pretrained(tmp_path / "s2/model")
+    torch.testing.assert_close(loaded.decode(t.ids), s2.eval().decode(t.ids))

@@ -32,8 +32,10 @@ def _fixed_images(dataset, n=8):
 
 def stage1_groups(model) -> dict:
     """Everything but the generators, in clipping groups: the tokenizer (encoder, quantizer,
-    pixel decoder) and the bootstrap decoder."""
+    pixel decoders) and the bootstrap decoder."""
     groups = {"tokenizer": list(model.tokenizer.parameters())}
+    if model.global_decoder is not None:
+        groups["tokenizer"] += list(model.global_decoder.parameters())
     if model.bootstrap is not None:
         groups["bootstrap"] = list(model.bootstrap.parameters())
     return groups
@@ -45,7 +47,7 @@ def stage1_parameters(model):
 
 def stage2_parameters(model, parts=PARTS):
     """The parameters stage 2 trains: the generators; the bootstrap decoder (SelfBootTok mode)
-    and the pixel decoder."""
+    and the pixel decoders."""
     params = []
     if "generator" in parts:
         params += list(model.generators.parameters())
@@ -53,6 +55,8 @@ def stage2_parameters(model, parts=PARTS):
         if model.global_mode:
             params += list(model.bootstrap.parameters())
         params += list(model.tokenizer.decoder.parameters())
+        if model.global_decoder is not None:
+            params += list(model.global_decoder.parameters())
     return params
 
 
@@ -123,6 +127,9 @@ def train_stage2(config: Optional[SelfBootTokConfig], init, out_dir, *, parts=PA
     model.tokenizer.load_state_dict(base.tokenizer.state_dict())
     if model.bootstrap is not None and config.bootstrap == base.config.bootstrap:
         model.bootstrap.load_state_dict(base.bootstrap.state_dict())  # else: a new (larger) one
+    if model.global_decoder is not None:  # from the stage-1 model's own, or a copy of its shared one
+        source = base.global_decoder if base.global_decoder is not None else base.tokenizer.decoder
+        model.global_decoder.load_state_dict(source.state_dict())
     cached = ids is not None or (parts == ("generator",) and config.train.cache_tokens)
     if ids is not None:
         dataset = IdsDataset(ids, model)  # checked against this tokenizer
@@ -188,7 +195,7 @@ def merge_stage2(generator_dir, bootstrap_dir, out_dir) -> SelfBootTok:
 
 def _same_tokenizer(a: SelfBootTokConfig, b: SelfBootTokConfig):
     keep = ("train", "loss", "generator", "generators", "class_dropout", "seed", "bootstrap",
-            "bootstrap_norm",
+            "bootstrap_norm", "global_path_decoder",
             "w_rec", "w_rec_boot", "w_boot", "w_quant", "w_align", "ema_teacher",
             "generator_cond", "maskgit_min_mask", "guidance_schedule", "maskgit_choice_temperature")
     da = {k: v for k, v in a.to_dict().items() if k not in keep}
