@@ -80,6 +80,9 @@ class TrainConfig:
     cache_tokens: bool = True
     # the stage-2 decoder job also trains the pixel decoder on the true local tokens
     stage2_full_path: bool = True
+    # stage 2 gives the global path a pixel decoder of its own (`global_path_decoder`), started
+    # from the stage-1 model's shared one; stage 1 keeps one decoder for both paths
+    stage2_global_decoder: bool = False
     # peak LR of the stage-2 decoder job (bootstrap + pixel decoder on a frozen tokenizer):
     # with the stage-2 GAN, 2e-3 drew the full path's textures in 0.865 of the images, 1e-3 in
     # 0.843 and 5e-4 in 0.805 (seed 0)

@@ -321,3 +321,11 @@ def test_global_path_decoder_draws_only_the_global_path_and_starts_from_the_shar
         torch.testing.assert_close(a, b, msg=name)
     loaded = SelfBootTok.from_pretrained(tmp_path / "s2/model")
     torch.testing.assert_close(loaded.decode(t.ids), s2.eval().decode(t.ids))
+    # train.stage2_global_decoder: stage 2 adds it to a stage-1 model trained without it
+    s1_cfg = _gan_config(**{"loss.gan": 0.0, "train.stage2_global_decoder": True})
+    train_stage1(s1_cfg, tmp_path / "s1b", dataset=data, total_steps=1)
+    assert SelfBootTok.from_pretrained(tmp_path / "s1b/model").global_decoder is None
+    s2b = train_stage2(None, tmp_path / "s1b/model", tmp_path / "s2b", parts=["bootstrap"], dataset=data,
+                       total_steps=1)
+    assert s2b.config.global_path_decoder and s2b.global_decoder is not None
+    assert SelfBootTok.from_pretrained(tmp_path / "s2b/model").global_decoder is not None
