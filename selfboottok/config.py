@@ -136,6 +136,7 @@ class SelfBootTokConfig:
     # the global path (global tokens + bootstrapped local ones: what generation decodes) gets a
     # pixel decoder of its own, which stage 2 starts as a copy of the stage-1 model's shared one;
     # the full path keeps the shared one, so losses aimed at the global path do not reach it
+    # (unused in baseline mode, which has no global path)
     global_path_decoder: bool = False
     alignment: str = "ot"  # "ot" | "avgpool" | "softmax"
     # "pooled": each quantized query starts from one region's mean patch embedding (content, no
@@ -249,8 +250,6 @@ class SelfBootTokConfig:
              f"local_norm must be 'layer', 'rms' or 'none', got {self.local_norm!r}")
         need(self.decoder_head in ("linear", "conv"),
              f"decoder_head must be 'linear' or 'conv', got {self.decoder_head!r}")
-        need(not self.global_path_decoder or self.generator_tokens == "global",
-             "global_path_decoder needs generator_tokens='global' (the baseline has no global path)")
         need(not self.head_local_2d or self.decoder_head == "conv",
              "head_local_2d needs decoder_head='conv'")
         need(self.encoder_stem >= 0, f"encoder_stem must be >= 0, got {self.encoder_stem}")
