@@ -46,7 +46,7 @@ class LossConfig:
     hog_jitter: bool = False
     # hinge-loss PatchGAN generator term; 0 trains no discriminator. 0.1 in the stage-2 decoder
     # job only (gan_start=1) lifted the full path's texture from 0.75 to 0.81 (seed 0;
-    # bench/results/quality-amd-epyc-2-threads.md)
+    # docs/results/tokenizer-quality.md)
     gan: float = 0.1
     # the GAN term on the global path (global tokens + bootstrapped local ones) is scaled by
     # this. 3 in the stage-2 job lowered the global path's seams from 1.37 to 1.26 and cost the
@@ -82,9 +82,9 @@ class TrainConfig:
     stage2_full_path: bool = True
     # stage 2 gives the global path a pixel decoder of its own (`global_path_decoder`), started
     # from the stage-1 model's shared one; stage 1 keeps one decoder for both paths. On: full
-    # path 31.22 dB (from 29.66), texture 0.972 (from 0.903), global-only seams 1.14 (from 1.25),
-    # global-only 23.67 dB and class 0.823 (from 23.69 / 0.811); two seeds, runs gd1_H_s0/s1 in
-    # bench/results/quality-screening
+    # path 31.21 dB (from 29.66), texture 0.972 (from 0.903), global-only seams 1.14 (from 1.25),
+    # global-only 23.67 dB and class 0.823 (from 23.69 / 0.811); two seeds,
+    # bench/results/quality-amd-epyc-2-threads.md
     stage2_global_decoder: bool = True
     # peak LR of the stage-2 decoder job (bootstrap + pixel decoder on a frozen tokenizer):
     # with the stage-2 GAN, 2e-3 drew the full path's textures in 0.865 of the images, 1e-3 in
@@ -187,7 +187,7 @@ class SelfBootTokConfig:
     decoder: ViTConfig = field(default_factory=ViTConfig)
     # depth 4 (from 2): global-only reconstructions 23.69 dB, class 0.811, seams 1.25 against
     # 23.51 / 0.788 / 1.33, full path 29.66 against 29.75 (two seeds, run t13;
-    # bench/results/quality-amd-epyc-2-threads.md)
+    # bench/results/quality-screening/final-5e7de0b.md)
     bootstrap: ViTConfig = field(default_factory=lambda: ViTConfig(depth=4))
     generator: ViTConfig = field(default_factory=lambda: ViTConfig(128, 4, 4))
     loss: LossConfig = field(default_factory=LossConfig)

@@ -32,22 +32,24 @@ def stage1_losses(model, images, full_path: bool = True, adversary=None) -> dict
     total = c.w_quant * out["quant"]
     gan = []
     if full_path or not model.global_mode:
-        rec = model.pixel_decoder(False)(enc.codes, enc.local_1d, enc.local_2d)
+        decoder = model.pixel_decoder(False)
+        rec = decoder(enc.codes, enc.local_1d, enc.local_2d)
         out["rec"] = reconstruction_loss(rec, images, c.loss)
         out["mse"] = F.mse_loss(rec.detach().float(), images.float())
         total = total + c.w_rec * out["rec"]
-        gan.append((rec, c.w_rec * out["rec"], 1.0, model.pixel_decoder(False)))
+        gan.append((rec, c.w_rec * out["rec"], 1.0, decoder))
     if model.global_mode:
         t1, t2 = _local_targets(model, images, enc)
         b1, b2 = model.bootstrap(enc.codes)
-        rec_boot = model.pixel_decoder(True)(enc.codes, b1, b2)
+        decoder = model.pixel_decoder(True)
+        rec_boot = decoder(enc.codes, b1, b2)
         out["rec_boot"] = reconstruction_loss(rec_boot, images, c.loss)
         out["mse_boot"] = F.mse_loss(rec_boot.detach().float(), images.float())
         out["boot"] = _boot_loss(b1, b2, t1, t2)
         out["align"] = enc.align_loss.float()
         total = (total + c.w_rec_boot * out["rec_boot"] + c.w_boot * out["boot"]
                  + c.w_align * out["align"])
-        gan.append((rec_boot, c.w_rec_boot * out["rec_boot"], c.loss.gan_global_scale, model.pixel_decoder(True)))
+        gan.append((rec_boot, c.w_rec_boot * out["rec_boot"], c.loss.gan_global_scale, decoder))
     if adversary is not None:
         out["gan"] = _adversarial(images, gan, adversary)
         total = total + out["gan"]
@@ -84,18 +86,19 @@ def stage2_losses(model, images, labels, parts=PARTS, adversary=None) -> dict:
     if "bootstrap" in parts:
         decoded = []
         if c.train.stage2_full_path or not model.global_mode:  # the baseline has only this path
-            rec = model.pixel_decoder(False)(enc.codes, enc.local_1d, enc.local_2d)
+            decoder = model.pixel_decoder(False)
+            rec = decoder(enc.codes, enc.local_1d, enc.local_2d)
             out["rec"] = reconstruction_loss(rec, images, c.loss)
             total = total + c.w_rec * out["rec"]
-            decoded.append((rec, c.w_rec * out["rec"], 1.0, model.pixel_decoder(False)))
+            decoded.append((rec, c.w_rec * out["rec"], 1.0, decoder))
         if model.global_mode:
             b1, b2 = model.bootstrap(enc.codes)
-            rec_boot = model.pixel_decoder(True)(enc.codes, b1, b2)
+            decoder = model.pixel_decoder(True)
+            rec_boot = decoder(enc.codes, b1, b2)
             out["rec_boot"] = reconstruction_loss(rec_boot, images, c.loss)
             out["boot"] = _boot_loss(b1, b2, enc.local_1d, enc.local_2d)
             total = total + c.w_rec_boot * out["rec_boot"] + c.w_boot * out["boot"]
-            decoded.append((rec_boot, c.w_rec_boot * out["rec_boot"], c.loss.gan_global_scale,
-                            model.pixel_decoder(True)))
+            decoded.append((rec_boot, c.w_rec_boot * out["rec_boot"], c.loss.gan_global_scale, decoder))
         if adversary is not None:
             out["gan"] = _adversarial(images, decoded, adversary)
             total = total + out["gan"]

@@ -122,7 +122,7 @@ def train_stage2(config: Optional[SelfBootTokConfig], init, out_dir, *, parts=PA
     device = dist.init(device)
     base = SelfBootTok.from_pretrained(init)
     config = base.config if config is None else config
-    if config.train.stage2_global_decoder and config.generator_tokens == "global":
+    if config.train.stage2_global_decoder:
         config = config.with_overrides(global_path_decoder=True)
     _same_tokenizer(base.config, config)
     model = SelfBootTok(config)
