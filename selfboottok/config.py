@@ -40,6 +40,8 @@ class LossConfig:
     # the class read from global-only reconstructions from 0.733 to 0.788 (two seeds; the
     # baseline's from 0.710 to 0.788), full path -0.13 dB (docs/results/tokenizer-quality.md)
     hog: float = 1.0
+    # the HOG term on the global path (global tokens + bootstrapped local ones) is scaled by this
+    hog_global_scale: float = 1.0
     # each HOG term places its cells at a random offset instead of on the patch grid; off: at
     # weight 1 the global-only seams went from 1.33 to 1.29 and its class from 0.788 to 0.765
     # (two seeds; docs/results/tokenizer-quality.md)
@@ -255,7 +257,7 @@ class SelfBootTokConfig:
         need(self.encoder_stem >= 0, f"encoder_stem must be >= 0, got {self.encoder_stem}")
         need(self.head_channels >= 1 and self.head_blocks >= 0,
              f"head_channels must be >= 1 and head_blocks >= 0, got {self.head_channels}, {self.head_blocks}")
-        for name in ("l2", "l1", "ssim", "ffl", "hog", "gan", "gan_global_scale", "lecam"):
+        for name in ("l2", "l1", "ssim", "ffl", "hog", "hog_global_scale", "gan", "gan_global_scale", "lecam"):
             need(getattr(self.loss, name) >= 0, f"loss.{name} must be >= 0, got {getattr(self.loss, name)}")
         need(0 <= self.loss.gan_start <= 1, f"loss.gan_start must be in [0, 1], got {self.loss.gan_start}")
         need(self.query_init in ("learned", "pooled"),

@@ -117,6 +117,24 @@ def test_hog_jitter_draws_every_cell_offset(gen):
     assert hog_loss(x, x, jitter=True).item() == pytest.approx(0.0, abs=1e-6)
 
 
+def test_hog_global_scale_weighs_only_the_global_paths_hog_term(gen):
+    torch.manual_seed(0)
+    m = SelfBootTok(_gan_config(**{"loss.gan": 0.0})).train()
+    x = images(gen, 2)
+    out = {}
+    for scale in (1.0, 3.0):
+        m.config.loss.hog_global_scale = scale
+        torch.manual_seed(1)
+        out[scale] = stage1_losses(m, x)
+    with torch.no_grad():
+        rec_boot = m.pixel_decoder(True)(m.tokenizer.encode(x).codes, *m.bootstrap(m.tokenizer.encode(x).codes))
+    hog = hog_loss(rec_boot, x)
+    torch.testing.assert_close(out[3.0]["rec"], out[1.0]["rec"])  # the full path is untouched
+    torch.testing.assert_close(out[3.0]["rec_boot"] - out[1.0]["rec_boot"], 2 * hog, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="loss.hog_global_scale"):
+        SelfBootTokConfig.preset("tiny", **{"loss.hog_global_scale": -1.0})
+
+
 def test_conv_head_decodes_whole_images_and_its_gradients_flow(gen):
     m = SelfBootTok(SelfBootTokConfig.preset("tiny", decoder_head="conv", head_blocks=2)).train()
     x = images(gen)

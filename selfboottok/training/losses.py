@@ -43,7 +43,7 @@ def stage1_losses(model, images, full_path: bool = True, adversary=None) -> dict
         b1, b2 = model.bootstrap(enc.codes)
         decoder = model.pixel_decoder(True)
         rec_boot = decoder(enc.codes, b1, b2)
-        out["rec_boot"] = reconstruction_loss(rec_boot, images, c.loss)
+        out["rec_boot"] = reconstruction_loss(rec_boot, images, c.loss, global_path=True)
         out["mse_boot"] = F.mse_loss(rec_boot.detach().float(), images.float())
         out["boot"] = _boot_loss(b1, b2, t1, t2)
         out["align"] = enc.align_loss.float()
@@ -95,7 +95,7 @@ def stage2_losses(model, images, labels, parts=PARTS, adversary=None) -> dict:
             b1, b2 = model.bootstrap(enc.codes)
             decoder = model.pixel_decoder(True)
             rec_boot = decoder(enc.codes, b1, b2)
-            out["rec_boot"] = reconstruction_loss(rec_boot, images, c.loss)
+            out["rec_boot"] = reconstruction_loss(rec_boot, images, c.loss, global_path=True)
             out["boot"] = _boot_loss(b1, b2, enc.local_1d, enc.local_2d)
             total = total + c.w_rec_boot * out["rec_boot"] + c.w_boot * out["boot"]
             decoded.append((rec_boot, c.w_rec_boot * out["rec_boot"], c.loss.gan_global_scale, decoder))
@@ -115,9 +115,10 @@ def generator_losses(model, ids, labels) -> dict:
     return out
 
 
-def reconstruction_loss(rec, images, loss_cfg):
+def reconstruction_loss(rec, images, loss_cfg, global_path: bool = False):
     """The weighted sum of the reconstruction terms of `loss_cfg` (a LossConfig) that have a
-    weight, in float32."""
+    weight, in float32; on a reconstruction of the `global_path` the HOG term is scaled by
+    `loss_cfg.hog_global_scale`."""
     rec, images = rec.float(), images.float()
     total = rec.new_zeros(())
     if loss_cfg.l2:
@@ -128,8 +129,9 @@ def reconstruction_loss(rec, images, loss_cfg):
         total = total + loss_cfg.ssim * (1 - ssim(rec, images, dtype=torch.float32).mean())
     if loss_cfg.ffl:
         total = total + loss_cfg.ffl * focal_frequency_loss(rec, images, loss_cfg.ffl_alpha)
-    if loss_cfg.hog:
-        total = total + loss_cfg.hog * hog_loss(rec, images, loss_cfg.hog_jitter)
+    hog = loss_cfg.hog * (loss_cfg.hog_global_scale if global_path else 1.0)
+    if hog:
+        total = total + hog * hog_loss(rec, images, loss_cfg.hog_jitter)
     return total
 
 
